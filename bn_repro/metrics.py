@@ -1,0 +1,121 @@
+"""Metrics of a run: one JSON object per line in ``metrics.jsonl``, and its summary.
+
+Every line has ``step``. Evaluation lines carry ``test_accuracy`` and, for the
+MNIST net, the 15th/50th/85th percentiles of one last-layer sigmoid's input
+(Figure 1). ``wall_time_s`` and ``steps_per_sec`` are the only values that
+differ between two runs of the same config on the same machine
+(:data:`TIMING_KEYS`).
+"""
+
+import json
+import math
+import os
+import platform
+from collections.abc import Iterable, Sequence
+
+import jax
+
+TIMING_KEYS = frozenset({"wall_time_s", "steps_per_sec"})
+# Marks records written once training has ended (e.g. the evaluation with
+# Algorithm 2's population statistics); a resumed run rewrites them.
+AFTER_TRAINING = "after_training"
+MILESTONES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
+TARGETS = (0.95, 0.97)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """All records of a metrics.jsonl file (an empty list if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keeps the records up to ``last_step`` (resuming from that checkpoint).
+
+    The file is replaced atomically, so an interruption here loses nothing.
+    """
+    kept = [r for r in read_metrics(path) if r["step"] <= last_step and not r.get(AFTER_TRAINING)]
+    write_json_lines(path, kept)
+
+
+def write_json_lines(path: str, records: Iterable[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Writes ``obj`` as indented JSON, atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def accuracy_curve(records: Sequence[dict], key: str = "test_accuracy") -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in records if key in r]
+
+
+def summarize_accuracy(
+    records: Sequence[dict],
+    milestones: Sequence[int] = MILESTONES,
+    targets: Sequence[float] = TARGETS,
+) -> dict:
+    """Final and best test accuracy, accuracy at milestone steps, steps to targets.
+
+    Accuracy at a milestone is the evaluation at exactly that step (None if
+    there was none); steps to a target is the first evaluated step whose
+    accuracy reaches it (None if never).
+    """
+    curve = accuracy_curve(records)
+    if not curve:
+        return {}
+    by_step = dict(curve)
+    best_step, best = max(curve, key=lambda sa: (sa[1], -sa[0]))
+    return {
+        "final_step": curve[-1][0],
+        "final_test_accuracy": curve[-1][1],
+        "best_test_accuracy": best,
+        "best_step": best_step,
+        "test_accuracy_at": {str(s): by_step.get(s) for s in milestones},
+        "steps_to": {
+            f"{t:g}": next((s for s, a in curve if a >= t), None) for t in targets
+        },
+    }
+
+
+def first_non_finite(values: Sequence[float]) -> int | None:
+    """Index of the first NaN or infinite value, or None."""
+    return next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+
+
+def environment_info(command: str) -> dict:
+    """Device, versions and the command line of this run, for the run record."""
+    import flax
+    import jaxlib
+    import optax
+
+    device = jax.devices()[0]
+    return {
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "command": command,
+    }

@@ -1,0 +1,321 @@
+"""CPU speed of the MNIST training loop against PyTorch and the arithmetic ceiling.
+
+For the 784-100-100-100-10 sigmoid MLP (batch 60, ``configs/mnist.py:bn`` and
+``:baseline``) one run measures, per thread setting:
+
+* ours: steps/s of ``bn_repro.train.make_train_chunk`` (the real jitted lax.scan
+  sampling batches on the device) on synthetic uint8 data of MNIST's shape;
+  compiled first, then the median of ``--repeats`` calls of ``--steps`` steps.
+* torch (optional): an eager PyTorch loop doing the identical step (init std,
+  bias-free Linear + BatchNorm1d before each sigmoid, binarised input, per-epoch
+  permutation of a preloaded uint8 tensor, SGD with the config's cosine lr,
+  momentum and weight decay on Linear weights only, cross-entropy).
+* the ceiling: XLA's cost-analysis FLOPs of one jitted ``train.train_step``
+  (checked against a hand count of the matmul FLOPs) and a float32 1024^3 matmul
+  rate at the same thread setting; ceiling steps/s = rate / FLOPs. Also the
+  steps/s of the step's seven matmuls alone at their batch-60 shapes, in a scan.
+
+Threads: 1 = one pinned core, single-threaded XLA (as ``reproduce_figure1.py``
+runs each net); N = the first N cores, XLA's default threading,
+``torch.set_num_threads(N)``. XLA flags must be set before jax is imported, so
+each setting runs in a child process of this script.
+
+    python scripts/bench_mnist.py --output results/bench/mnist_cpu.md
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
+NETS = ("baseline", "bn")
+MARKER = "BENCH_JSON "
+
+
+def timed(run: Callable[[], None], steps: int, repeats: int) -> list[float]:
+    """steps/s of each of ``repeats`` calls of ``run`` (each doing ``steps`` steps)."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        rates.append(steps / (time.perf_counter() - start))
+    return rates
+
+
+def hand_flops(config, batch: int, input_dim: int = 784) -> int:
+    """Matmul FLOPs of one step: forward, weight gradients (= forward), input gradients but the first layer's."""
+    dims = [input_dim, *config.model.hidden_units, config.model.num_classes]
+    forward = 2 * batch * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    return 3 * forward - 2 * batch * dims[0] * dims[1]
+
+
+def bench_ours(config, images, labels, steps: int, repeats: int) -> tuple[list[float], float]:
+    """(steps/s of each call, compile + first call s) of make_train_chunk."""
+    import jax
+    from bn_repro import train
+
+    chunk = train.make_train_chunk(config)
+    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config), (28, 28))
+    rng = jax.random.PRNGKey(1)
+    holder = {"state": state, "order": train.no_epoch_order(images.shape[0]), "step": 0}
+
+    def run() -> None:
+        holder["state"], holder["order"], losses = chunk(
+            holder["state"], holder["order"], images, labels, rng, holder["step"], num_steps=steps
+        )
+        losses.block_until_ready()
+        holder["step"] += steps
+
+    start = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - start
+    return timed(run, steps, repeats), compile_s
+
+
+def bench_torch(config, images_np, labels_np, steps: int, repeats: int) -> list[float]:
+    """steps/s of each call of the identical training loop in eager PyTorch."""
+    import torch
+
+    torch.manual_seed(0)
+    layers: list = []
+    fan_in = 784
+    for width in config.model.hidden_units:
+        layers.append(torch.nn.Linear(fan_in, width, bias=not config.model.use_bn))
+        if config.model.use_bn:
+            layers.append(torch.nn.BatchNorm1d(width, eps=config.bn.epsilon, momentum=1.0 - config.bn.momentum))
+        layers.append(torch.nn.Sigmoid())
+        fan_in = width
+    layers.append(torch.nn.Linear(fan_in, config.model.num_classes))
+    model = torch.nn.Sequential(*layers).train()
+    weights, others = [], []
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=config.model.weight_init_std)
+            weights.append(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+                others.append(module.bias)
+        elif isinstance(module, torch.nn.BatchNorm1d):
+            others.extend([module.weight, module.bias])
+    optimizer = torch.optim.SGD(
+        [{"params": weights, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=config.learning_rate, momentum=config.momentum,
+    )
+    images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np).long()
+    n, batch, threshold = images.shape[0], config.batch_size, config.data.binarize_threshold
+    steps_per_epoch, total = n // batch, config.num_steps
+    cosine = config.lr_schedule == "cosine"
+    holder = {"step": 0, "order": torch.randperm(n)}
+
+    def run(num_steps: int = steps) -> None:
+        losses = []
+        for step in range(holder["step"], holder["step"] + num_steps):
+            position = step % steps_per_epoch
+            if position == 0:
+                holder["order"] = torch.randperm(n)
+            if cosine:
+                lr = config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            index = holder["order"][position * batch : (position + 1) * batch]
+            x = (images[index].reshape(batch, -1).float() / 255.0 > threshold).float()
+            loss = torch.nn.functional.cross_entropy(model(x), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        torch.stack(losses).numpy()
+        holder["step"] += num_steps
+
+    run(min(steps, 500))  # warm-up
+    return timed(run, steps, repeats)
+
+
+def xla_flops(config) -> float:
+    """FLOPs of one jitted train_step on a (60, 784) float32 batch, from XLA's cost analysis."""
+    import jax
+    import jax.numpy as jnp
+    from bn_repro import train
+
+    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config), (784,))
+    batch = {"image": jnp.zeros((config.batch_size, 784), jnp.float32),
+             "label": jnp.zeros((config.batch_size,), jnp.int32)}
+    cost = jax.jit(train.train_step).lower(state, batch).compile().cost_analysis()
+    costs = cost if isinstance(cost, (list, tuple)) else [cost]
+    return float(sum(c.get("flops", 0.0) for c in costs))
+
+
+def matmul_rates(config, repeats: int) -> dict:
+    """GFLOP/s of a 1024^3 float32 matmul, and steps/s of a step's matmuls alone at batch-60 shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (1024, 1024), jnp.float32)
+    big = jax.jit(lambda x, y: x @ y)
+    big(a, a).block_until_ready()
+    calls = 20
+    rate = statistics.median(timed(lambda: [big(a, a).block_until_ready() for _ in range(calls)], calls, repeats))
+    dims = [784, *config.model.hidden_units, config.model.num_classes]
+    keys = jax.random.split(jax.random.PRNGKey(1), len(dims))
+    ws = tuple(0.01 * jax.random.normal(k, s) for k, s in zip(keys, zip(dims[:-1], dims[1:])))
+    x = (jax.random.uniform(keys[-1], (config.batch_size, 784)) > 0.5).astype(jnp.float32)
+
+    def body(ws, _):  # the forward, weight-gradient and input-gradient matmuls of one step
+        acts = [x]
+        for w in ws:
+            acts.append(acts[-1] @ w)
+        g, grads = acts[-1], [None] * len(ws)
+        for i in reversed(range(len(ws))):
+            grads[i] = acts[i].T @ g
+            if i:
+                g = g @ ws[i].T
+        return tuple(w - 1e-6 * gw for w, gw in zip(ws, grads)), None
+
+    iters = 2000
+    chain = jax.jit(lambda ws: jax.lax.scan(body, ws, None, length=iters)[0])
+    jax.block_until_ready(chain(ws))
+    chain_rate = statistics.median(timed(lambda: jax.block_until_ready(chain(ws)), iters, repeats))
+    return {"matmul_gflops": 2 * 1024**3 * rate / 1e9, "matmul_only_steps_per_s": chain_rate}
+
+
+def child(threads: int, steps: int, repeats: int) -> list[dict]:
+    """All measurements at one thread setting (already applied by the parent)."""
+    import numpy as np
+    from bn_repro.main import load_config
+
+    rng = np.random.default_rng(0)
+    images_np = rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8)
+    labels_np = rng.integers(0, 10, (60000,), dtype=np.int32)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch_error = None
+    except (ImportError, OSError) as error:
+        torch_error = f"import torch failed: {error}"
+    import jax.numpy as jnp
+
+    images, labels = jnp.asarray(images_np), jnp.asarray(labels_np)
+    rows = []
+    for net in NETS:
+        config = load_config(f"{os.path.join(REPO, 'configs', 'mnist.py')}:{net}")
+        ours_all, compile_s = bench_ours(config, images, labels, steps, repeats)
+        torch_all = None if torch_error else bench_torch(config, images_np, labels_np, steps, repeats)
+        ours, torch_rate = statistics.median(ours_all), torch_all and statistics.median(torch_all)
+        flops = xla_flops(config)
+        rates = matmul_rates(config, repeats)
+        ceiling = rates["matmul_gflops"] * 1e9 / flops
+        rows.append({
+            "net": net, "threads": threads, "ours_steps_per_s": ours, "ours_compile_s": compile_s,
+            "torch_steps_per_s": torch_rate, "torch_error": torch_error,
+            "ours_each_call": ours_all, "torch_each_call": torch_all,
+            "ratio_ours_torch": ours / torch_rate if torch_rate else None,
+            "xla_flops_per_step": flops, "hand_matmul_flops_per_step": hand_flops(config, config.batch_size),
+            **rates, "ceiling_steps_per_s": ceiling, "fraction_of_ceiling": ours / ceiling,
+            "steps_per_call": steps, "repeats": repeats, "loadavg_1min": os.getloadavg()[0],
+        })
+    return rows
+
+
+def run_child(threads: int, args: argparse.Namespace) -> list[dict]:
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    if threads == 1:
+        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SINGLE_THREAD_XLA]))
+    command = [sys.executable, os.path.abspath(__file__), "--child", str(threads),
+               "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    out = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, set(cores)))
+    return json.loads(next(l for l in out.stdout.splitlines() if l.startswith(MARKER))[len(MARKER):])
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def markdown(rows: list[dict], command: str, wall_s: float) -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    lines = [
+        "# MNIST MLP training speed on CPU (784-100-100-100-10 sigmoid, batch 60)", "",
+        f"- machine: {cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} available), {platform.platform()}",
+        f"- versions: python {platform.python_version()}, jax {version('jax')}, jaxlib {version('jaxlib')}, "
+        f"flax {version('flax')}, torch {version('torch')}",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total run time {wall_s:.0f} s",
+        f"- command: `{command}`",
+        "- ours = `train.make_train_chunk` (lax.scan on device); torch = eager PyTorch, same step; "
+        "median of repeats; ceiling = 1024^3 float32 matmul rate / XLA FLOPs of one `train_step`; "
+        "matmul-only = the step's 7 matmuls alone at batch-60 shapes in a scan.", "",
+    ]
+    spread = lambda v: f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"  # noqa: E731
+    columns = [
+        ("net", lambda r: r["net"]), ("threads", lambda r: str(r["threads"])),
+        ("ours steps/s (min-max)", lambda r: spread(r["ours_each_call"])),
+        ("torch steps/s (min-max)", lambda r: spread(r["torch_each_call"])),
+        ("ours/torch", lambda r: f"{r['ratio_ours_torch']:.2f}"),
+        ("FLOPs/step XLA (hand matmul)", lambda r: f"{r['xla_flops_per_step'] / 1e6:.2f}M "
+         f"({r['hand_matmul_flops_per_step'] / 1e6:.2f}M)"),
+        ("matmul GFLOP/s (1024^3)", lambda r: f"{r['matmul_gflops']:.0f}"),
+        ("ceiling steps/s", lambda r: f"{r['ceiling_steps_per_s']:.0f}"),
+        ("fraction of ceiling", lambda r: f"{r['fraction_of_ceiling']:.2f}"),
+        ("matmul-only steps/s", lambda r: f"{r['matmul_only_steps_per_s']:.0f}"),
+    ]
+    if any(r["torch_each_call"] is None for r in rows):
+        columns = [c for c in columns if "torch" not in c[0]]
+    lines += ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    errors = {r["torch_error"] for r in rows if r["torch_error"]}
+    lines += [""] + [f"torch column missing: {e}" for e in sorted(errors)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", default="1,all", help="Comma-separated thread counts; 'all' = every available core.")
+    parser.add_argument(
+        "--steps", type=int, default=500,
+        help="Training steps per timed call (default: eval_every of configs/mnist.py, as in a real run).",
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="Timed calls per measurement (median reported).")
+    parser.add_argument("--output", help="Also write the Markdown here, and the JSON rows beside it (.json).")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(MARKER + json.dumps(child(args.child, args.steps, args.repeats)), flush=True)
+        return 0
+    available = len(os.sched_getaffinity(0))
+    settings = []
+    for item in args.threads.split(","):
+        n = available if item.strip() == "all" else int(item)
+        if not 1 <= n <= available:
+            parser.error(f"--threads {n}: only {available} cores are available")
+        settings += [n] if n not in settings else []
+    start = time.perf_counter()
+    rows = [row for n in settings for row in run_child(n, args)]
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])
+    text = markdown(rows, command, time.perf_counter() - start)
+    print(text)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text)
+        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
+            json.dump({"command": command, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
