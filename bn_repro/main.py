@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     # Keep the terminal to our progress lines: orbax logs every save at INFO.
-    logging.get_absl_handler().addFilter(
+    logging.get_absl_logger().addFilter(
         lambda record: record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
     )
     command = shlex.join(["python", "-m", "bn_repro.main", *sys.argv[1:]])

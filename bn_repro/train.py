@@ -272,16 +272,23 @@ def compute_population_statistics(
 ) -> Any:
     """Algorithm 2: population statistics from ``num_batches`` training mini-batches.
 
-    Each mini-batch (drawn uniformly without replacement within the batch)
-    goes through the network in training mode, with the parameters fixed;
-    the moments every BN layer sees are averaged by
+    The mini-batches are drawn as in training (consecutive slices of fresh
+    permutations of the training set, here from ``rng``); each goes through
+    the network in training mode with the parameters fixed, and the moments
+    every BN layer sees are averaged by
     :func:`bn_repro.batchnorm.population_statistics`, which applies the
     m/(m-1) correction. Returns a new ``batch_stats`` tree.
     """
+
     @functools.partial(jax.jit, static_argnames="num_batches")
     def moments_over_batches(state, images, rng, num_batches):
-        def one_batch(_, key):
-            index = jax.random.choice(key, images.shape[0], (batch_size,), replace=False)
+        num_examples = images.shape[0]
+        per_epoch = num_examples // batch_size
+        epochs = jnp.arange(-(-num_batches // per_epoch))
+        orders = jax.vmap(lambda e: epoch_permutation(rng, e, num_examples)[: per_epoch * batch_size])(epochs)
+        batch_indices = orders.reshape(-1, batch_size)[:num_batches]
+
+        def one_batch(_, index):
             _, moments = state.apply_fn(
                 {"params": state.params, "batch_stats": state.batch_stats},
                 preprocess(images[index], binarize_threshold),
@@ -290,7 +297,7 @@ def compute_population_statistics(
             )
             return None, moments[BATCH_MOMENTS]
 
-        _, stacked = jax.lax.scan(one_batch, None, jax.random.split(rng, num_batches))
+        _, stacked = jax.lax.scan(one_batch, None, batch_indices)
         return population_statistics(stacked)
 
     return moments_over_batches(state, images, rng, num_batches)

@@ -161,3 +161,21 @@ def test_resuming_with_another_config_is_refused(small_mnist_dir, tmp_path):
     with pytest.raises(ValueError, match=r"different config \(fields: config\.learning_rate\)"):
         train.train_and_evaluate(small_config(small_mnist_dir, num_steps=50, learning_rate=0.1), str(tmp_path))
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing lost
+
+
+def test_population_mean_over_one_epoch_is_the_training_set_mean(small_mnist_dir):
+    """One epoch's equal batches partition the training set, so E[mu_B] is its mean."""
+    from bn_repro import mnist_data
+
+    config = small_config(small_mnist_dir)
+    data = mnist_data.load_mnist(small_mnist_dir, expected=None)
+    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config), (28, 28))
+    images = jax.numpy.asarray(data["train_images"])
+    per_epoch = images.shape[0] // config.batch_size
+    stats = train.compute_population_statistics(
+        state, images, jax.random.PRNGKey(1), per_epoch, config.batch_size, config.data.binarize_threshold
+    )
+    x = np.asarray(train.preprocess(images, config.data.binarize_threshold), np.float64)
+    first_layer_input = x @ np.asarray(state.params["hidden0"]["kernel"], np.float64)
+    np.testing.assert_allclose(stats["bn0"]["mean"], first_layer_input.mean(axis=0), rtol=1e-4, atol=1e-6)
+    assert set(stats) == {"bn0", "bn1", "bn2"}
