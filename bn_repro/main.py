@@ -6,6 +6,7 @@ field. Running the same command again resumes from the last checkpoint in
 ``--workdir``.
 """
 
+import logging as std_logging
 import os
 import runpy
 import shlex
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     # Keep the terminal to our progress lines: orbax logs every save at INFO.
     logging.get_absl_logger().addFilter(
-        lambda record: record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        lambda record: record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
     )
     command = shlex.join(["python", "-m", "bn_repro.main", *sys.argv[1:]])
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, command=command)

@@ -233,23 +233,33 @@ def host_batches(
 def make_eval_step(config: ml_collections.ConfigDict) -> Callable:
     """``evaluate(state, images, labels)`` -> test metrics over the whole set.
 
-    Inference mode: BN normalises with ``state.batch_stats`` (moving averages,
-    or population statistics once substituted). Also returns the 15th, 50th
-    and 85th percentiles over the set of the input to sigmoid number
-    ``config.model.tracked_unit`` of the last hidden layer (Figure 1(b, c)).
+    Accuracy and loss in inference mode: BN normalises with
+    ``state.batch_stats`` (moving averages, or population statistics once
+    substituted). Also the 15th, 50th and 85th percentiles over the set of the
+    input to sigmoid number ``config.model.tracked_unit`` of the last hidden
+    layer (Figure 1(b, c)), as a training step feeds it: BN normalised with
+    the statistics of the batch (here the whole set, nothing updated). The
+    moving averages lag behind weights that move at every step, which would
+    add noise unrelated to the distribution the sigmoid is trained on.
     """
     threshold = config.data.binarize_threshold
     unit = config.model.tracked_unit
 
-    @jax.jit
-    def evaluate(state, images, labels):
+    def forward(state, x, train):
         logits, intermediates = state.apply_fn(
             {"params": state.params, "batch_stats": state.batch_stats},
-            preprocess(images, threshold),
-            train=False,
+            x,
+            train=train,
             mutable=["intermediates"],
         )
-        sigmoid_input = intermediates["intermediates"][SIGMOID_INPUT][0][:, unit]
+        return logits, intermediates["intermediates"][SIGMOID_INPUT][0][:, unit]
+
+    @jax.jit
+    def evaluate(state, images, labels):
+        x = preprocess(images, threshold)
+        logits, sigmoid_input = forward(state, x, train=False)
+        if config.model.use_bn:
+            _, sigmoid_input = forward(state, x, train=True)
         p15, p50, p85 = jnp.percentile(sigmoid_input, jnp.array([15.0, 50.0, 85.0]))
         return {
             "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
