@@ -98,6 +98,15 @@ def first_non_finite(values: Sequence[float]) -> int | None:
     return next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment_info(command: str) -> dict:
     """Device, versions and the command line of this run, for the run record."""
     import flax
@@ -110,7 +119,7 @@ def environment_info(command: str) -> dict:
         "platform": device.platform,
         "device_count": jax.device_count(),
         "process_count": jax.process_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "python": platform.python_version(),
         "jax": jax.__version__,

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
 NETS = ("baseline", "bn")
 MARKER = "BENCH_JSON "
@@ -248,7 +249,9 @@ def version(package: str) -> str:
 
 
 def markdown(rows: list[dict], command: str, wall_s: float) -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    from bn_repro.metrics import cpu_model
+
+    cpu = cpu_model()
     lines = [
         "# MNIST MLP training speed on CPU (784-100-100-100-10 sigmoid, batch 60)", "",
         f"- machine: {cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} available), {platform.platform()}",

@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def config_spec(variant: str) -> str:
-    return f"{os.path.join(REPO, 'configs', 'mnist.py')}:{variant}"
+    return f"{os.path.relpath(os.path.join(REPO, 'configs', 'mnist.py'))}:{variant}"
 
 
 def run_command(variant: str, workdir: str, overrides: list[str]) -> list[str]:
