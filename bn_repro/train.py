@@ -364,6 +364,11 @@ def train_and_evaluate(
     data = mnist_data.load_mnist(
         config.data.data_dir, expected=mnist_data.REAL_MNIST if config.data.verify_checksums else None
     )
+    if config.batch_size > len(data["train_labels"]):
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) is larger than the training set "
+            f"({len(data['train_labels'])} examples)"
+        )
     train_images = jnp.asarray(data["train_images"])
     train_labels = jnp.asarray(data["train_labels"])
     test_images = jnp.asarray(data["test_images"])

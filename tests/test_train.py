@@ -179,3 +179,8 @@ def test_population_mean_over_one_epoch_is_the_training_set_mean(small_mnist_dir
     first_layer_input = x @ np.asarray(state.params["hidden0"]["kernel"], np.float64)
     np.testing.assert_allclose(stats["bn0"]["mean"], first_layer_input.mean(axis=0), rtol=1e-4, atol=1e-6)
     assert set(stats) == {"bn0", "bn1", "bn2"}
+
+
+def test_batch_larger_than_the_training_set_is_refused(small_mnist_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"config\.batch_size \(400\) is larger than the training set \(360"):
+        train.train_and_evaluate(small_config(small_mnist_dir, batch_size=400), str(tmp_path))
