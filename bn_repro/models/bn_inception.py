@@ -1,0 +1,144 @@
+"""BN-Inception, the network of the paper's Figure 5 (Sec. 4.2).
+
+With ``use_bn=False`` (plus dropout 0.4, LRN and the original schedule) it is
+the "Inception" baseline the paper compares against: the same network without
+BN, with convolution biases.
+
+Known inconsistencies of the printed table, and what the code does:
+
+* 3c and 4e print their output before the stride: the code strides the 3x3
+  conv, the second conv of the double-3x3 branch and the max pool, so 3c gives
+  14x14x576 and 4e gives 7x7x1024 (or 1056, below).
+* 4c and 4d sum to 608 channels with the printed pool projection of 128.
+  ``pool_proj_4cd=96`` (TF-slim inception_v2, the default) gives 576, as the
+  table's output column says, and 4e then gives 1024; ``128`` (the Caffe
+  lineage) gives 608 and 1056.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bn_repro.models.layers import ConvUnit, avg_pool, local_response_norm, max_pool
+
+
+class ModuleSpec(NamedTuple):
+    """One row of Figure 5: #1x1, #3x3 reduce, #3x3, double #3x3 reduce,
+    double #3x3, pool type and projection (0 = pass through), stride."""
+
+    name: str
+    n1x1: int
+    n3x3_reduce: int
+    n3x3: int
+    double_reduce: int
+    double_3x3: int
+    pool: str
+    pool_proj: int
+    stride: int = 1
+
+
+def figure5_modules(pool_proj_4cd: int = 96) -> tuple[ModuleSpec, ...]:
+    """The inception rows of Figure 5."""
+    return (
+        ModuleSpec("3a", 64, 64, 64, 64, 96, "avg", 32),
+        ModuleSpec("3b", 64, 64, 96, 64, 96, "avg", 64),
+        ModuleSpec("3c", 0, 128, 160, 64, 96, "max", 0, stride=2),
+        ModuleSpec("4a", 224, 64, 96, 96, 128, "avg", 128),
+        ModuleSpec("4b", 192, 96, 128, 96, 128, "avg", 128),
+        ModuleSpec("4c", 160, 128, 160, 128, 160, "avg", pool_proj_4cd),
+        ModuleSpec("4d", 96, 128, 192, 160, 192, "avg", pool_proj_4cd),
+        ModuleSpec("4e", 0, 128, 192, 192, 256, "max", 0, stride=2),
+        ModuleSpec("5a", 352, 192, 320, 160, 224, "avg", 128),
+        ModuleSpec("5b", 352, 192, 320, 192, 224, "max", 128),
+    )
+
+
+class InceptionModule(nn.Module):
+    """Figure 5's module: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3 | pool [-> 1x1 proj],
+    concatenated along channels."""
+
+    spec: ModuleSpec
+    width: float = 1.0
+    conv_kwargs: dict | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        s, kw = self.spec, self.conv_kwargs or {}
+
+        def conv(features: int, kernel: int, name: str, stride: int = 1) -> ConvUnit:
+            return ConvUnit(scaled(features, self.width), kernel, stride, name=name, **kw)
+
+        branches = []
+        if s.n1x1:
+            branches.append(conv(s.n1x1, 1, "1x1")(x, train))
+        y = conv(s.n3x3_reduce, 1, "3x3_reduce")(x, train)
+        branches.append(conv(s.n3x3, 3, "3x3", s.stride)(y, train))
+        y = conv(s.double_reduce, 1, "double_3x3_reduce")(x, train)
+        y = conv(s.double_3x3, 3, "double_3x3_a")(y, train)
+        branches.append(conv(s.double_3x3, 3, "double_3x3_b", s.stride)(y, train))
+        pool = max_pool if s.pool == "max" else avg_pool
+        y = pool(x, 3, s.stride)
+        branches.append(conv(s.pool_proj, 1, "pool_proj")(y, train) if s.pool_proj else y)
+        return jnp.concatenate(branches, axis=-1)
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count times the width multiplier, at least 1."""
+    return max(1, int(round(channels * width)))
+
+
+class BNInception(nn.Module):
+    """Figure 5: stem, modules 3a-5b, global average pool, dropout, linear.
+
+    Attributes:
+      num_classes: outputs of the final linear layer (1000 for ImageNet).
+      use_bn: conv -> BN -> nonlinearity everywhere (False: the Inception baseline, with biases).
+      nonlinearity: 'relu' or 'sigmoid' (BN-x5-Sigmoid, Inception-Sigmoid).
+      dropout_rate: dropout before the classifier (0.4 in the baseline, 0 after Sec. 4.2.1).
+      use_lrn: LRN (size 5, alpha 1e-4, beta 0.75) at GoogLeNet's two stem positions.
+      separable_stem: the first conv as depthwise (multiplier 8) + pointwise, per the footnote.
+      pool_proj_4cd: pool projection of 4c and 4d (96 as TF-slim, 128 as printed).
+      width: multiplier of every layer's channel count (1 = the paper's net).
+      bn_momentum, bn_epsilon: see BatchNorm.
+      dtype: computation dtype (bfloat16 on accelerators); parameters and BN
+        statistics stay float32.
+    """
+
+    num_classes: int = 1000
+    use_bn: bool = True
+    nonlinearity: str = "relu"
+    dropout_rate: float = 0.0
+    use_lrn: bool = False
+    separable_stem: bool = True
+    pool_proj_4cd: int = 96
+    width: float = 1.0
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        kw = dict(
+            use_bn=self.use_bn, nonlinearity=self.nonlinearity, bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+        )
+        x = x.astype(self.dtype) if self.dtype else x
+        x = ConvUnit(
+            scaled(64, self.width), 7, 2, separable_multiplier=8 if self.separable_stem else 0, name="conv1", **kw
+        )(x, train)
+        x = max_pool(x, 3, 2)
+        if self.use_lrn:
+            x = local_response_norm(x)
+        x = ConvUnit(scaled(64, self.width), 1, name="conv2_reduce", **kw)(x, train)
+        x = ConvUnit(scaled(192, self.width), 3, name="conv2", **kw)(x, train)
+        if self.use_lrn:
+            x = local_response_norm(x)
+        x = max_pool(x, 3, 2)
+        for spec in figure5_modules(self.pool_proj_4cd):
+            x = InceptionModule(spec, self.width, kw, name=f"inception_{spec.name}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+        return x.astype(jnp.float32)

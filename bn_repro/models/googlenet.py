@@ -1,0 +1,135 @@
+"""GoogLeNet (Szegedy et al. 2014, arXiv:1409.4842), the 2014 "Inception".
+
+The BN paper's baseline is Figure 5's network without BN (``BNInception(use_bn=False)``);
+this is the original network, kept as a second reference row. Auxiliary
+classifiers (at 4a and 4d, loss weight 0.3 in the original) are optional and
+off by default: the BN paper does not mention them.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bn_repro.models.bn_inception import scaled
+from bn_repro.models.layers import ConvUnit, local_response_norm, max_pool
+
+
+class GoogLeNetModuleSpec(NamedTuple):
+    """One row of GoogLeNet's Table 1: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj."""
+
+    name: str
+    n1x1: int
+    n3x3_reduce: int
+    n3x3: int
+    n5x5_reduce: int
+    n5x5: int
+    pool_proj: int
+
+
+GOOGLENET_MODULES = (
+    GoogLeNetModuleSpec("3a", 64, 96, 128, 16, 32, 32),
+    GoogLeNetModuleSpec("3b", 128, 128, 192, 32, 96, 64),
+    GoogLeNetModuleSpec("4a", 192, 96, 208, 16, 48, 64),
+    GoogLeNetModuleSpec("4b", 160, 112, 224, 24, 64, 64),
+    GoogLeNetModuleSpec("4c", 128, 128, 256, 24, 64, 64),
+    GoogLeNetModuleSpec("4d", 112, 144, 288, 32, 64, 64),
+    GoogLeNetModuleSpec("4e", 256, 160, 320, 32, 128, 128),
+    GoogLeNetModuleSpec("5a", 256, 160, 320, 32, 128, 128),
+    GoogLeNetModuleSpec("5b", 384, 192, 384, 48, 128, 128),
+)
+# Max pool 3x3/2 after these modules.
+POOL_AFTER = ("3b", "4e")
+AUX_AFTER = ("4a", "4d")
+
+
+class GoogLeNetModule(nn.Module):
+    """1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | 3x3 max pool -> 1x1, concatenated."""
+
+    spec: GoogLeNetModuleSpec
+    width: float = 1.0
+    conv_kwargs: dict | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        s, kw = self.spec, self.conv_kwargs or {}
+
+        def conv(features: int, kernel: int, name: str) -> ConvUnit:
+            return ConvUnit(scaled(features, self.width), kernel, name=name, **kw)
+
+        return jnp.concatenate(
+            [
+                conv(s.n1x1, 1, "1x1")(x, train),
+                conv(s.n3x3, 3, "3x3")(conv(s.n3x3_reduce, 1, "3x3_reduce")(x, train), train),
+                conv(s.n5x5, 5, "5x5")(conv(s.n5x5_reduce, 1, "5x5_reduce")(x, train), train),
+                conv(s.pool_proj, 1, "pool_proj")(max_pool(x, 3, 1), train),
+            ],
+            axis=-1,
+        )
+
+
+class AuxiliaryHead(nn.Module):
+    """5x5/3 avg pool, 1x1 conv 128, FC 1024, dropout 0.7, linear (GoogLeNet Sec. 5)."""
+
+    num_classes: int
+    width: float = 1.0
+    conv_kwargs: dict | None = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = nn.avg_pool(x, (5, 5), (3, 3), padding="VALID") if min(x.shape[1:3]) >= 5 else x
+        x = ConvUnit(scaled(128, self.width), 1, name="conv", **(self.conv_kwargs or {}))(x, train)
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(scaled(1024, self.width), dtype=self.dtype, name="fc")(x))
+        x = nn.Dropout(0.7, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
+
+
+class GoogLeNet(nn.Module):
+    """GoogLeNet: stem with LRN, modules 3a-5b, global average pool, dropout 0.4, linear.
+
+    With ``aux_heads`` the call returns ``(logits, (aux_4a, aux_4d))``;
+    otherwise just the logits. ``use_bn`` puts BN after every convolution
+    (not part of the 2014 network; off by default).
+    """
+
+    num_classes: int = 1000
+    use_bn: bool = False
+    nonlinearity: str = "relu"
+    dropout_rate: float = 0.4
+    use_lrn: bool = True
+    aux_heads: bool = False
+    width: float = 1.0
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool):
+        kw = dict(
+            use_bn=self.use_bn, nonlinearity=self.nonlinearity, bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+        )
+        x = x.astype(self.dtype) if self.dtype else x
+        x = ConvUnit(scaled(64, self.width), 7, 2, name="conv1", **kw)(x, train)
+        x = max_pool(x, 3, 2)
+        if self.use_lrn:
+            x = local_response_norm(x)
+        x = ConvUnit(scaled(64, self.width), 1, name="conv2_reduce", **kw)(x, train)
+        x = ConvUnit(scaled(192, self.width), 3, name="conv2", **kw)(x, train)
+        if self.use_lrn:
+            x = local_response_norm(x)
+        x = max_pool(x, 3, 2)
+        aux = []
+        for spec in GOOGLENET_MODULES:
+            x = GoogLeNetModule(spec, self.width, kw, name=f"inception_{spec.name}")(x, train)
+            if self.aux_heads and spec.name in AUX_AFTER:
+                aux.append(AuxiliaryHead(self.num_classes, self.width, kw, self.dtype, name=f"aux_{spec.name}")(x, train))
+            if spec.name in POOL_AFTER:
+                x = max_pool(x, 3, 2)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x).astype(jnp.float32)
+        return (logits, tuple(aux)) if self.aux_heads else logits
