@@ -1,11 +1,8 @@
 """Tests for bn_repro.mnist_data on a small generated copy of the source format."""
 
-import gzip
 import hashlib
 import os
-import pickle
 import subprocess
-import zipfile
 from pathlib import Path
 
 import numpy as np

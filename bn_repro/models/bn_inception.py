@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bn_repro.models.layers import ConvUnit, avg_pool, local_response_norm, max_pool
+from bn_repro.models.layers import ConvUnit, avg_pool, inception_stem, max_pool, scaled
 
 
 class ModuleSpec(NamedTuple):
@@ -84,11 +84,6 @@ class InceptionModule(nn.Module):
         return jnp.concatenate(branches, axis=-1)
 
 
-def scaled(channels: int, width: float) -> int:
-    """Channel count times the width multiplier, at least 1."""
-    return max(1, int(round(channels * width)))
-
-
 class BNInception(nn.Module):
     """Figure 5: stem, modules 3a-5b, global average pool, dropout, linear.
 
@@ -125,17 +120,7 @@ class BNInception(nn.Module):
             bn_epsilon=self.bn_epsilon, dtype=self.dtype,
         )
         x = x.astype(self.dtype) if self.dtype else x
-        x = ConvUnit(
-            scaled(64, self.width), 7, 2, separable_multiplier=8 if self.separable_stem else 0, name="conv1", **kw
-        )(x, train)
-        x = max_pool(x, 3, 2)
-        if self.use_lrn:
-            x = local_response_norm(x)
-        x = ConvUnit(scaled(64, self.width), 1, name="conv2_reduce", **kw)(x, train)
-        x = ConvUnit(scaled(192, self.width), 3, name="conv2", **kw)(x, train)
-        if self.use_lrn:
-            x = local_response_norm(x)
-        x = max_pool(x, 3, 2)
+        x = inception_stem(x, train, self.width, kw, self.use_lrn, separable_multiplier=8 if self.separable_stem else 0)
         for spec in figure5_modules(self.pool_proj_4cd):
             x = InceptionModule(spec, self.width, kw, name=f"inception_{spec.name}")(x, train)
         x = jnp.mean(x, axis=(1, 2))

@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bn_repro.models.bn_inception import scaled
-from bn_repro.models.layers import ConvUnit, local_response_norm, max_pool
+from bn_repro.models.layers import ConvUnit, inception_stem, max_pool, scaled
 
 
 class GoogLeNetModuleSpec(NamedTuple):
@@ -113,15 +112,7 @@ class GoogLeNet(nn.Module):
             bn_epsilon=self.bn_epsilon, dtype=self.dtype,
         )
         x = x.astype(self.dtype) if self.dtype else x
-        x = ConvUnit(scaled(64, self.width), 7, 2, name="conv1", **kw)(x, train)
-        x = max_pool(x, 3, 2)
-        if self.use_lrn:
-            x = local_response_norm(x)
-        x = ConvUnit(scaled(64, self.width), 1, name="conv2_reduce", **kw)(x, train)
-        x = ConvUnit(scaled(192, self.width), 3, name="conv2", **kw)(x, train)
-        if self.use_lrn:
-            x = local_response_norm(x)
-        x = max_pool(x, 3, 2)
+        x = inception_stem(x, train, self.width, kw, self.use_lrn)
         aux = []
         for spec in GOOGLENET_MODULES:
             x = GoogLeNetModule(spec, self.width, kw, name=f"inception_{spec.name}")(x, train)

@@ -104,3 +104,30 @@ def local_response_norm(
     channels = x.shape[-1]
     window_sum = sum(padded[..., i : i + channels] for i in range(size))
     return (x / (k + alpha / size * window_sum) ** beta).astype(x.dtype)
+
+
+def inception_stem(
+    x: jax.Array, train: bool, width: float, conv_kwargs: dict, use_lrn: bool, separable_multiplier: int = 0
+) -> jax.Array:
+    """GoogLeNet's stem, shared by Figure 5: 7x7/2 conv 64, 3x3/2 max pool, [LRN],
+    1x1 conv 64, 3x3 conv 192, [LRN], 3x3/2 max pool.
+
+    Called from a module's compact ``__call__``; the convolutions become its
+    submodules ``conv1``, ``conv2_reduce`` and ``conv2``.
+    """
+    x = ConvUnit(
+        scaled(64, width), 7, 2, separable_multiplier=separable_multiplier, name="conv1", **conv_kwargs
+    )(x, train)
+    x = max_pool(x, 3, 2)
+    if use_lrn:
+        x = local_response_norm(x)
+    x = ConvUnit(scaled(64, width), 1, name="conv2_reduce", **conv_kwargs)(x, train)
+    x = ConvUnit(scaled(192, width), 3, name="conv2", **conv_kwargs)(x, train)
+    if use_lrn:
+        x = local_response_norm(x)
+    return max_pool(x, 3, 2)
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count times the width multiplier, at least 1."""
+    return max(1, int(round(channels * width)))
