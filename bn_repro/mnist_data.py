@@ -146,7 +146,10 @@ def _find_wheel(data_dir: str) -> Path:
 
 
 def _redo(data_dir: str) -> str:
-    return f"Delete {os.path.join(data_dir, 'mnist')} and re-run to re-prepare it."
+    return (
+        f"Delete {os.path.join(data_dir, 'mnist')} and re-run to re-prepare it, or, if that copy belongs "
+        "to something else (e.g. TFDS's own mnist builder), use another data dir."
+    )
 
 
 def _build(data_dir: str, source_wheel: str | os.PathLike | None, expected: Checksums | None) -> bool:
