@@ -36,13 +36,14 @@ def append_metrics(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_metrics(path: str, last_step: int) -> None:
-    """Keeps the records up to ``last_step`` (resuming from that checkpoint).
+def truncate_metrics(path: str, last_step: int) -> list[dict]:
+    """Keeps the records up to ``last_step`` (resuming from that checkpoint) and returns them.
 
     The file is replaced atomically, so an interruption here loses nothing.
     """
     kept = [r for r in read_metrics(path) if r["step"] <= last_step and not r.get(AFTER_TRAINING)]
     write_json_lines(path, kept)
+    return kept
 
 
 def write_json_lines(path: str, records: Iterable[dict]) -> None:

@@ -7,11 +7,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bn_repro.metrics import AFTER_TRAINING  # noqa: E402
+
 PERCENTILE_KEYS = ("sigmoid_input_p15", "sigmoid_input_p50", "sigmoid_input_p85")
 
 
 def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records if key in r and not r.get("after_training")]
+    points = [(r["step"], r[key]) for r in records if key in r and not r.get(AFTER_TRAINING)]
     return [s for s, _ in points], [v for _, v in points]
 
 

@@ -382,10 +382,8 @@ def train_and_evaluate(
     state, step = checkpoints.restore_latest(manager, state)
     if step:
         logging.info("Resuming from the checkpoint at step %d in %s", step, workdir)
-    metrics_lib.truncate_metrics(metrics_path, step)
-    wall_time_before = next(
-        (r["wall_time_s"] for r in reversed(metrics_lib.read_metrics(metrics_path)) if "wall_time_s" in r), 0.0
-    )
+    kept = metrics_lib.truncate_metrics(metrics_path, step)
+    wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
 
     if config.data.on_device:
         train_chunk = make_train_chunk(config)
