@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the training state, for resuming interrupted runs."""
+"""Orbax checkpoints: the training state, for resuming interrupted runs, and the
+final model (parameters and the BN statistics it is evaluated with)."""
 
 import os
 from typing import Any
@@ -28,3 +29,26 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
         return target, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+
+FINAL_MODEL = "final_model"
+
+
+def save_final_model(workdir: str, variables: Any) -> None:
+    """Writes ``<workdir>/final_model``: ``{"params", "batch_stats"}`` (for a BN net,
+    Algorithm 2's population statistics), replacing an earlier one."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(os.path.abspath(workdir), FINAL_MODEL), variables, force=True)
+
+
+def load_final_model(workdir: str, target: Any) -> Any:
+    """The variables ``save_final_model`` wrote, restored into ``target``'s structure."""
+    path = os.path.join(os.path.abspath(workdir), FINAL_MODEL)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir} holds no finished run (the final model is written when "
+            "training ends without diverging)"
+        )
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path, abstract)

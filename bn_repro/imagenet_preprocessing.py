@@ -6,7 +6,8 @@ horizontal flip, and photometric distortions (brightness, contrast,
 saturation) whose strength is a parameter: Sec. 4.2.1 item 7 "reduce the
 photometric distortions" is ``distortion_strength < 1``.
 Evaluation: resize the shorter side to ``size / crop_fraction`` (256 for 224)
-and take the central ``size`` x ``size`` crop (the paper's single crop).
+and take the central ``size`` x ``size`` crop (the paper's single crop);
+or GoogLeNet's 144 crops (``multicrop_images``, the paper's Sec. 4.2.3).
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so a
 loader that seeds it per example (e.g. from the seed, epoch and index) is
@@ -93,3 +94,48 @@ def eval_image(image: np.ndarray, size: int = 224, crop_fraction: float = 0.875)
     resized = _resize(image, new_h, new_w)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[top : top + size, left : left + size].astype(np.float32) / 127.5 - 1.0
+
+
+# GoogLeNet's multi-crop evaluation (arXiv:1409.4842 Sec. 7), used for the
+# paper's Sec. 4.2.3 / Figure 4 results: shorter sides 256, 288, 320, 352.
+MULTICROP_SCALES = (256, 288, 320, 352)
+SQUARES = ("first", "center", "last")  # left/center/right, or top/center/bottom (portrait).
+CROPS = ("top_left", "top_right", "bottom_left", "bottom_right", "center", "whole")
+
+
+def scales_for(size: int) -> tuple[int, ...]:
+    """GoogLeNet's four shorter sides scaled by ``size / 224`` (``size`` 224 -> 256..352)."""
+    return tuple(max(size, round(s * size / 224)) for s in MULTICROP_SCALES)
+
+
+def multicrop_images(image: np.ndarray, size: int = 224, scales: tuple[int, ...] | None = None) -> np.ndarray:
+    """uint8 HxWx3 -> float32 (len(scales) * 36, size, size, 3) in [-1, 1]: GoogLeNet's 144 crops.
+
+    For each scale S (default ``scales_for(size)``: 256, 288, 320, 352 for 224)
+    the shorter side is resized to S; of the S x S squares at the left, center
+    and right (top, center, bottom for a portrait image), the 4 corner and the
+    center ``size`` x ``size`` crops and the whole square resized to ``size``;
+    each followed by its mirror. Crop k is scale k // 36, square k // 12 % 3,
+    crop ``CROPS[k // 2 % 6]``, mirrored if k is odd.
+    """
+    scales = scales_for(size) if scales is None else scales
+    if min(scales) < size:
+        raise ValueError(f"Every scale must be >= size {size}, got {scales}.")
+    height, width = image.shape[:2]
+    landscape = height <= width
+    out = np.empty((len(scales) * len(SQUARES) * len(CROPS) * 2, size, size, 3), np.float32)
+    k = 0
+    for s in scales:
+        long_side = max(s, round(max(height, width) * s / min(height, width)))
+        resized = _resize(image, s, long_side) if landscape else _resize(image, long_side, s)
+        for offset in (0, (long_side - s) // 2, long_side - s):
+            square = resized[:, offset : offset + s] if landscape else resized[offset : offset + s]
+            c, e = (s - size) // 2, s - size
+            crops = [square[t : t + size, l : l + size] for t, l in ((0, 0), (0, e), (e, 0), (e, e), (c, c))]
+            crops.append(_resize(np.ascontiguousarray(square), size, size))
+            for crop in crops:
+                out[k], out[k + 1] = crop, crop[:, ::-1]
+                k += 2
+    out /= 127.5
+    out -= 1.0
+    return out

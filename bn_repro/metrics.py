@@ -1,8 +1,8 @@
 """Metrics of a run: one JSON object per line in ``metrics.jsonl``, and its summary.
 
-Every line has ``step``. Evaluation lines carry ``test_accuracy`` and, for the
-MNIST net, the 15th/50th/85th percentiles of one last-layer sigmoid's input
-(Figure 1). ``wall_time_s`` and ``steps_per_sec`` are the only values that
+Every line has ``step``. Evaluation lines carry, for MNIST, ``test_accuracy``
+and the 15th/50th/85th percentiles of one last-layer sigmoid's input
+(Figure 1); for ImageNet, ``val_top1``, ``val_top5`` and ``val_loss``. ``wall_time_s`` and ``steps_per_sec`` are the only values that
 differ between two runs of the same config on the same machine
 (:data:`TIMING_KEYS`).
 """
@@ -68,30 +68,37 @@ def accuracy_curve(records: Sequence[dict], key: str = "test_accuracy") -> list[
 
 def summarize_accuracy(
     records: Sequence[dict],
+    key: str = "test_accuracy",
     milestones: Sequence[int] = MILESTONES,
     targets: Sequence[float] = TARGETS,
 ) -> dict:
-    """Final and best test accuracy, accuracy at milestone steps, steps to targets.
+    """Final and best ``key`` accuracy, its value at milestone steps, steps to targets.
 
-    Accuracy at a milestone is the evaluation at exactly that step (None if
+    The value at a milestone is the evaluation at exactly that step (None if
     there was none); steps to a target is the first evaluated step whose
     accuracy reaches it (None if never).
     """
-    curve = accuracy_curve(records)
+    curve = accuracy_curve(records, key)
     if not curve:
         return {}
     by_step = dict(curve)
     best_step, best = max(curve, key=lambda sa: (sa[1], -sa[0]))
     return {
         "final_step": curve[-1][0],
-        "final_test_accuracy": curve[-1][1],
-        "best_test_accuracy": best,
+        f"final_{key}": curve[-1][1],
+        f"best_{key}": best,
         "best_step": best_step,
-        "test_accuracy_at": {str(s): by_step.get(s) for s in milestones},
+        f"{key}_at": {str(s): by_step.get(s) for s in milestones},
         "steps_to": {
             f"{t:g}": next((s for s, a in curve if a >= t), None) for t in targets
         },
     }
+
+
+def final_and_best(records: Sequence[dict], key: str) -> dict:
+    """``final_<key>`` and ``best_<key>`` (for a secondary accuracy, e.g. top-5)."""
+    values = [v for _, v in accuracy_curve(records, key)]
+    return {f"final_{key}": values[-1], f"best_{key}": max(values)} if values else {}
 
 
 def first_non_finite(values: Sequence[float]) -> int | None:

@@ -3,35 +3,43 @@
 ``train_step`` is one SGD step on one mini-batch and knows nothing about where
 the batch came from. Two drivers feed it:
 
-* in-memory datasets (MNIST) live whole on the device; ``make_train_chunk``
-  samples the mini-batches on the device and fuses ``eval_every`` steps into
-  one compiled ``lax.scan``, so the loop is not bound by Python;
-* streamed datasets (a host-side iterator of batches, as an ImageNet loader
-  gives) call a jitted ``train_step`` once per batch (``make_streamed_step``).
+* in-memory datasets (MNIST, Sec. 4.1) live whole on the device;
+  ``make_train_chunk`` samples the mini-batches on the device and fuses
+  ``eval_every`` steps into one compiled ``lax.scan``, so the loop is not
+  bound by Python;
+* streamed datasets (ImageNet, Sec. 4.2: batches decoded and augmented by
+  grain workers on the host) call a jitted ``train_step`` once per batch
+  (``make_streamed_step``).
 
-The final model's BN layers get the population statistics of Algorithm 2
-(``compute_population_statistics``).
+``mnist_experiment`` and ``imagenet_experiment`` bind a dataset to these; the
+loop in ``train_and_evaluate`` is shared. The final model's BN layers get the
+population statistics of Algorithm 2 (``compute_population_statistics``,
+``population_statistics_from_batches``).
 """
 
 import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import flax.linen as nn
 import optax
 from absl import logging
 from flax.training import train_state
 
-from bn_repro import checkpoints, mnist_data
+from bn_repro import checkpoints, imagenet_data, mnist_data
 from bn_repro import metrics as metrics_lib
 from bn_repro.batchnorm import BATCH_MOMENTS, population_statistics
 from bn_repro.mlp import MLP, SIGMOID_INPUT
+from bn_repro.models.bn_inception import BNInception
+from bn_repro.models.googlenet import GoogLeNet
+from bn_repro.models.layers import NONLINEARITIES
 
 
 class TrainState(train_state.TrainState):
@@ -40,9 +48,16 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# GoogLeNet's auxiliary classifiers' loss weight (arXiv:1409.4842, Sec. 5).
+AUX_LOSS_WEIGHT = 0.3
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the offending field for inconsistent values."""
     positive = ("batch_size", "num_steps", "eval_every", "checkpoint_every", "bn.population_batches")
+    if config.experiment == "imagenet":
+        positive += ("eval_batch_size", "data.image_size", "data.shuffle_window", "model.num_classes")
     for name in positive:
         value = _get_field(config, name)
         if not (isinstance(value, int) and value > 0):
@@ -53,16 +68,36 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.eval_every ({config.eval_every}), so that a resumed run evaluates "
             "and checkpoints at the same steps as an uninterrupted one"
         )
-    if not 0 <= config.model.tracked_unit < config.model.hidden_units[-1]:
-        raise ValueError(
-            f"config.model.tracked_unit ({config.model.tracked_unit}) must index a unit "
-            f"of the last hidden layer (0..{config.model.hidden_units[-1] - 1})"
-        )
     if not 0.0 <= config.bn.momentum < 1.0:
         raise ValueError(f"config.bn.momentum must be in [0, 1), got {config.bn.momentum}")
     if config.bn.epsilon < 0:
         raise ValueError(f"config.bn.epsilon must be >= 0, got {config.bn.epsilon}")
-    create_learning_rate_schedule(config)  # raises for an unknown config.lr_schedule
+    if config.experiment == "mnist":
+        if not 0 <= config.model.tracked_unit < config.model.hidden_units[-1]:
+            raise ValueError(
+                f"config.model.tracked_unit ({config.model.tracked_unit}) must index a unit "
+                f"of the last hidden layer (0..{config.model.hidden_units[-1] - 1})"
+            )
+    elif config.experiment == "imagenet":
+        choices = {
+            "model.architecture": ("bn_inception", "googlenet"),
+            "model.nonlinearity": tuple(NONLINEARITIES),
+            "model.dtype": tuple(DTYPES),
+            "data.shuffle": ("global", "window"),
+        }
+        for name, allowed in choices.items():
+            if _get_field(config, name) not in allowed:
+                raise ValueError(f"config.{name} must be one of {allowed}, got {_get_field(config, name)!r}")
+        if not 0.0 <= config.model.dropout_rate < 1.0:
+            raise ValueError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
+        if not 0.0 < config.data.crop_fraction <= 1.0:
+            raise ValueError(f"config.data.crop_fraction must be in (0, 1], got {config.data.crop_fraction}")
+        for name in ("lr_multiplier", "l2_reduction", "lr_decay_epochs", "lr_decay_speedup", "model.width"):
+            if not _get_field(config, name) > 0:
+                raise ValueError(f"config.{name} must be > 0, got {_get_field(config, name)!r}")
+    else:
+        raise ValueError(f"config.experiment must be 'mnist' or 'imagenet', got {config.experiment!r}")
+    create_learning_rate_schedule(config, steps_per_epoch=1)  # raises for an unknown config.lr_schedule
 
 
 def _get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -71,47 +106,83 @@ def _get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return config
 
 
-def create_model(config: ml_collections.ConfigDict) -> MLP:
-    return MLP(
-        hidden_units=tuple(config.model.hidden_units),
-        num_classes=config.model.num_classes,
-        use_bn=config.model.use_bn,
-        weight_init_std=config.model.weight_init_std,
-        bn_momentum=config.bn.momentum,
-        bn_epsilon=config.bn.epsilon,
-        bn_use_fast_variance=config.bn.use_fast_variance,
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The experiment's network: the MNIST MLP, BN-Inception (Figure 5) or GoogLeNet."""
+    m = config.model
+    if config.experiment == "mnist":
+        return MLP(
+            hidden_units=tuple(m.hidden_units),
+            num_classes=m.num_classes,
+            use_bn=m.use_bn,
+            weight_init_std=m.weight_init_std,
+            bn_momentum=config.bn.momentum,
+            bn_epsilon=config.bn.epsilon,
+            bn_use_fast_variance=config.bn.use_fast_variance,
+        )
+    common = dict(
+        num_classes=m.num_classes, use_bn=m.use_bn, nonlinearity=m.nonlinearity, dropout_rate=m.dropout_rate,
+        use_lrn=m.use_lrn, width=m.width, bn_momentum=config.bn.momentum, bn_epsilon=config.bn.epsilon,
+        dtype=DTYPES[m.dtype],
+    )
+    if m.architecture == "googlenet":
+        return GoogLeNet(aux_heads=m.aux_heads, **common)
+    return BNInception(separable_stem=m.separable_stem, pool_proj_4cd=m.pool_proj_4cd, **common)
+
+
+def initial_learning_rate(config: ml_collections.ConfigDict) -> float:
+    """``learning_rate`` times ``lr_multiplier`` (Sec. 4.2.1 item 1; 1 if the config has none)."""
+    return config.learning_rate * config.get("lr_multiplier", 1.0)
+
+
+def create_learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int | None = None
+) -> optax.Schedule:
+    """``constant``; ``cosine`` decay to 0 over ``num_steps``; or ``exponential``:
+    GoogLeNet's staircase, x``lr_decay_rate`` every ``lr_decay_epochs`` /
+    ``lr_decay_speedup`` epochs (Sec. 4.2.1 item 4 speeds it up 6x)."""
+    lr = initial_learning_rate(config)
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(lr)
+    if config.lr_schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, config.num_steps)
+    if config.lr_schedule == "exponential":
+        if steps_per_epoch is None:
+            raise ValueError("the 'exponential' schedule needs the number of steps per epoch")
+        every = max(1, round(config.lr_decay_epochs / config.lr_decay_speedup * steps_per_epoch))
+        return optax.exponential_decay(lr, every, config.lr_decay_rate, staircase=True)
+    raise ValueError(
+        f"config.lr_schedule must be 'constant', 'cosine' or 'exponential', got {config.lr_schedule!r}"
     )
 
 
-def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """``constant``, or ``cosine`` decay from ``learning_rate`` to 0 over ``num_steps``."""
-    if config.lr_schedule == "constant":
-        return optax.constant_schedule(config.learning_rate)
-    if config.lr_schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, config.num_steps)
-    raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD (with momentum if ``config.momentum``), plus L2 weight decay on the
-    layers' weight matrices (not biases or BN's gamma/beta) if ``config.weight_decay``."""
-    sgd = optax.sgd(create_learning_rate_schedule(config), momentum=config.momentum or None)
-    if not config.weight_decay:
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int | None = None
+) -> optax.GradientTransformation:
+    """SGD (with momentum if ``config.momentum``), plus an L2 penalty of
+    ``weight_decay`` / ``l2_reduction`` (Sec. 4.2.1 item 3) on the layers'
+    weights (not biases or BN's gamma/beta)."""
+    sgd = optax.sgd(create_learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum or None)
+    weight_decay = config.weight_decay / config.get("l2_reduction", 1.0)
+    if not weight_decay:
         return sgd
     kernels_only = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: path[-1].key == "kernel", params
     )
-    return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=kernels_only), sgd)
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernels_only), sgd)
 
 
 def create_train_state(
-    rng: jax.Array, config: ml_collections.ConfigDict, model: MLP, input_shape: tuple[int, ...]
+    rng: jax.Array,
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    steps_per_epoch: int | None = None,
 ) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
-        tx=create_optimizer(config),
+        tx=create_optimizer(config, steps_per_epoch),
         batch_stats=variables.get("batch_stats", {}),
     )
 
@@ -128,17 +199,30 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-    """One SGD step; BN uses batch statistics and updates its moving averages."""
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array | None = None
+) -> tuple[TrainState, dict]:
+    """One SGD step; BN uses batch statistics and updates its moving averages.
+
+    Dropout (if the model has any) draws from ``dropout_rng`` folded with the
+    step, so a resumed run draws the same masks. GoogLeNet's auxiliary
+    classifiers, when on, add their losses with weight 0.3.
+    """
+    rngs = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, state.step)}
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(
+        outputs, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             batch["image"],
             train=True,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
-        return cross_entropy_loss(logits, batch["label"]), updates
+        logits, aux_logits = outputs if isinstance(outputs, tuple) else (outputs, ())
+        loss = cross_entropy_loss(logits, batch["label"])
+        for aux in aux_logits:
+            loss += AUX_LOSS_WEIGHT * cross_entropy_loss(aux, batch["label"])
+        return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
@@ -200,12 +284,20 @@ def no_epoch_order(num_examples: int) -> tuple[jax.Array, jax.Array]:
 
 
 def make_streamed_step(config: ml_collections.ConfigDict) -> Callable:
-    """``step(state, images, labels)`` -> (state, loss) for host-fed uint8 batches."""
-    threshold = config.data.binarize_threshold
+    """``step(state, batch, rng)`` -> ``(state, loss)``: one jitted training step on
+    a host-fed batch ``{"image", "label"}`` (MNIST: uint8 images, binarised on
+    the device; ImageNet: float32 crops preprocessed on the host). ``rng``
+    seeds dropout. The state is donated."""
+    if config.experiment == "mnist":
+        threshold = config.data.binarize_threshold
+        device_preprocess = lambda images: preprocess(images, threshold)  # noqa: E731
+    else:
+        device_preprocess = lambda images: images  # noqa: E731
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, images, labels):
-        state, step_metrics = train_step(state, {"image": preprocess(images, threshold), "label": labels})
+    def step(state, batch, rng):
+        batch = {"image": device_preprocess(batch["image"]), "label": batch["label"]}
+        state, step_metrics = train_step(state, batch, rng)
         return state, step_metrics["loss"]
 
     return step
@@ -339,28 +431,97 @@ def _diff_fields(a: dict, b: dict, prefix: str = "config") -> list[str]:
     return fields
 
 
+def make_classification_eval_step(config: ml_collections.ConfigDict) -> Callable:
+    """``eval_step(state, batch)`` -> sums over the batch's real examples
+    (``batch["mask"]`` 1) of top-1 and top-5 hits and of the loss, and their count.
+
+    Inference mode: BN normalises with ``state.batch_stats`` (moving
+    averages, or Algorithm 2's population statistics once substituted).
+    """
+    del config
+
+    @jax.jit
+    def eval_step(state, batch):
+        outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        labels, mask = batch["label"], batch["mask"]
+        top5 = jax.lax.top_k(logits, 5)[1]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "top1": jnp.sum((top5[:, 0] == labels) * mask),
+            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=1) * mask),
+            "loss": jnp.sum(losses * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return eval_step
+
+
+def evaluate_classification(eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict:
+    """Top-1, top-5 and mean loss over every real example of ``batches``."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(state, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+    count = totals["count"]
+    return {"val_top1": totals["top1"] / count, "val_top5": totals["top5"] / count, "val_loss": totals["loss"] / count}
+
+
+def population_statistics_from_batches(state: TrainState, batches: Iterable[dict], rng: jax.Array) -> Any:
+    """Algorithm 2 over a stream of training mini-batches (the streamed
+    counterpart of ``compute_population_statistics``): each batch goes through
+    the network in training mode with fixed parameters, and the moments every
+    BN layer sees are averaged with the m/(m-1) correction."""
+
+    @jax.jit
+    def moments(state, images):
+        _, collections = state.apply_fn(
+            {"params": state.params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=[BATCH_MOMENTS],
+            rngs={"dropout": rng},  # Dropout follows the last BN layer: it changes no moment.
+        )
+        return collections[BATCH_MOMENTS]
+
+    per_batch = [moments(state, batch["image"]) for batch in batches]
+    return population_statistics(jax.tree.map(lambda *xs: jnp.stack(xs), *per_batch))
+
+
+@jax.jit
+def params_finite(params: Any) -> jax.Array:
+    """False if any parameter is NaN or infinite (a run that reached "machine infinity")."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
 def _to_python(tree: dict) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, command: str = ""
-) -> dict:
-    """Trains, evaluating every ``eval_every`` steps, and returns the run's summary.
+class Experiment(NamedTuple):
+    """What the training loop needs from a dataset.
 
-    Writes into ``workdir``: ``config.json`` (the resolved config),
-    ``metrics.jsonl``, ``checkpoints/`` and ``summary.json``. If ``workdir``
-    holds a checkpoint, training resumes from it, and the metrics recorded
-    after it are dropped, so the finished run's metrics are those of an
-    uninterrupted run.
+    ``run_steps(state, step, num_steps)`` -> ``(state, losses)`` trains steps
+    ``step+1..step+num_steps``; ``evaluate(state)`` -> the evaluation record;
+    ``population_statistics(state)`` -> Algorithm 2's ``batch_stats``.
+    ``accuracy_keys[0]`` is the accuracy the summary is about.
     """
-    validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    config_path = os.path.join(workdir, "config.json")
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    check_same_config(config_path, config)
-    metrics_lib.write_json(config_path, config.to_dict())
 
+    input_shape: tuple[int, ...]
+    steps_per_epoch: int
+    run_steps: Callable
+    evaluate: Callable
+    population_statistics: Callable
+    accuracy_keys: tuple[str, ...]
+    population_keys: tuple[str, ...]
+    milestones: tuple[int, ...]
+    targets: tuple[float, ...]
+
+
+def mnist_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, population_rng: jax.Array) -> Experiment:
+    """MNIST (Sec. 4.1) in device memory: mini-batches sampled on the device
+    (``make_train_chunk``), or cut on the host and streamed (``data.on_device=False``)."""
     data = mnist_data.load_mnist(
         config.data.data_dir, expected=mnist_data.REAL_MNIST if config.data.verify_checksums else None
     )
@@ -373,17 +534,6 @@ def train_and_evaluate(
     train_labels = jnp.asarray(data["train_labels"])
     test_images = jnp.asarray(data["test_images"])
     test_labels = jnp.asarray(data["test_labels"])
-
-    init_rng, data_rng, population_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-    model = create_model(config)
-    state = create_train_state(init_rng, config, model, train_images.shape[1:])
-
-    manager = checkpoints.checkpoint_manager(workdir)
-    state, step = checkpoints.restore_latest(manager, state)
-    if step:
-        logging.info("Resuming from the checkpoint at step %d in %s", step, workdir)
-    kept = metrics_lib.truncate_metrics(metrics_path, step)
-    wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
 
     if config.data.on_device:
         train_chunk = make_train_chunk(config)
@@ -402,58 +552,193 @@ def train_and_evaluate(
         def run_steps(state, step, num_steps):
             losses = []
             for images, labels in host_batches(host_images, host_labels, data_rng, step, num_steps, config.batch_size):
-                state, loss = streamed_step(state, images, labels)
+                state, loss = streamed_step(state, {"image": images, "label": labels}, data_rng)
                 losses.append(loss)
             return state, jnp.stack(losses)
 
-    evaluate = make_eval_step(config)
+    eval_step = make_eval_step(config)
+    return Experiment(
+        input_shape=train_images.shape[1:],
+        steps_per_epoch=train_images.shape[0] // config.batch_size,
+        run_steps=run_steps,
+        evaluate=lambda state: _to_python(eval_step(state, test_images, test_labels)),
+        population_statistics=lambda state: compute_population_statistics(
+            state, train_images, population_rng,
+            config.bn.population_batches, config.batch_size, config.data.binarize_threshold,
+        ),
+        accuracy_keys=("test_accuracy",),
+        population_keys=("test_accuracy", "test_loss"),
+        milestones=metrics_lib.MILESTONES,
+        targets=metrics_lib.TARGETS,
+    )
+
+
+# Figure 3: the steps at which the paper's nets matched Inception's 72.2%, and
+# the five nets' maximum top-1 accuracies.
+IMAGENET_MILESTONES = (2_100_000, 2_700_000, 6_000_000, 13_300_000, 31_000_000)
+IMAGENET_TARGETS = (0.698, 0.722, 0.727, 0.730, 0.748)
+
+
+def imagenet_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, population_rng: jax.Array) -> Experiment:
+    """ImageNet (Sec. 4.2) streamed from TFDS ``imagenet2012`` by grain workers:
+    augmented training crops, and the whole validation split (each example
+    once, the last batch padded) in central crops."""
+    d = config.data
+    train_source = imagenet_data.open_split("train", d.data_dir)
+    eval_source = imagenet_data.open_split(d.eval_split, d.data_dir)
+    if config.batch_size > len(train_source):
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) is larger than the training set ({len(train_source)} examples)"
+        )
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    seed = int(jax.random.randint(data_rng, (), 0, 2**31 - 1))
+    population_seed = int(jax.random.randint(population_rng, (), 0, 2**31 - 1))
+
+    def training_batches(seed, start_step, num_steps):
+        return imagenet_data.train_batches(
+            train_source, seed=seed, global_batch_size=config.batch_size, image_size=d.image_size,
+            distortion_strength=d.distortion_strength, shuffle=d.shuffle, shuffle_window=d.shuffle_window,
+            start_step=start_step, num_steps=num_steps, num_workers=d.num_workers, **process,
+        )
+
+    streamed_step = make_streamed_step(config)
+    batches, next_step = None, None
+
+    def run_steps(state, step, num_steps):
+        nonlocal batches, next_step
+        if batches is None or next_step != step:  # (re)start the stream where the run is
+            batches = iter(training_batches(seed, step, config.num_steps - step))
+        losses = []
+        for _ in range(num_steps):
+            state, loss = streamed_step(state, next(batches), data_rng)
+            losses.append(loss)
+        next_step = step + num_steps
+        return state, jnp.stack(losses)
+
+    eval_step = make_classification_eval_step(config)
+
+    def evaluate(state):
+        batches = imagenet_data.eval_batches(
+            eval_source, global_batch_size=config.eval_batch_size, image_size=d.image_size,
+            crop_fraction=d.crop_fraction, num_workers=d.num_workers, **process,
+        )
+        return evaluate_classification(eval_step, state, batches)
+
+    return Experiment(
+        input_shape=(d.image_size, d.image_size, 3),
+        steps_per_epoch=imagenet_data.steps_per_epoch(len(train_source), config.batch_size),
+        run_steps=run_steps,
+        evaluate=evaluate,
+        population_statistics=lambda state: population_statistics_from_batches(
+            state, training_batches(population_seed, 0, config.bn.population_batches), population_rng
+        ),
+        accuracy_keys=("val_top1", "val_top5"),
+        population_keys=("val_top1", "val_top5", "val_loss"),
+        milestones=IMAGENET_MILESTONES,
+        targets=IMAGENET_TARGETS,
+    )
+
+
+def _with_population_statistics(
+    state: TrainState, experiment: Experiment, config: ml_collections.ConfigDict, summary: dict,
+    metrics_path: str, step: int,
+) -> TrainState:
+    """The final model (Algorithm 2): ``state`` with population statistics,
+    evaluated, recorded in the summary and as the last metrics line."""
+    population_stats = experiment.population_statistics(state)
+    state = state.replace(batch_stats=population_stats)
+    final = experiment.evaluate(state)
+    for key in experiment.accuracy_keys:
+        summary[f"final_{key}_population_stats"] = final[key]
+    summary["population_batches"] = config.bn.population_batches
+    metrics_lib.append_metrics(
+        metrics_path,
+        {"step": step, metrics_lib.AFTER_TRAINING: True,
+         **{f"{key}_population_stats": final[key] for key in experiment.population_keys}},
+    )
+    return state
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, command: str = ""
+) -> dict:
+    """Trains, evaluating every ``eval_every`` steps, and returns the run's summary.
+
+    Writes into ``workdir``: ``config.json`` (the resolved config),
+    ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and, for a net with
+    BN, ``final_model/`` (parameters with Algorithm 2's population
+    statistics). If ``workdir`` holds a checkpoint, training resumes from it,
+    and the metrics recorded after it are dropped, so the finished run's
+    metrics are those of an uninterrupted run. A NaN/Inf loss or parameter
+    ends the run cleanly, recorded as diverged (Sec. 4.2.2 reports divergence
+    as a result).
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "config.json")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    check_same_config(config_path, config)
+    metrics_lib.write_json(config_path, config.to_dict())
+
+    init_rng, data_rng, population_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    setup = mnist_experiment if config.experiment == "mnist" else imagenet_experiment
+    experiment = setup(config, data_rng, population_rng)
+    model = create_model(config)
+    state = create_train_state(init_rng, config, model, experiment.input_shape, experiment.steps_per_epoch)
+
+    manager = checkpoints.checkpoint_manager(workdir)
+    state, step = checkpoints.restore_latest(manager, state)
+    if step:
+        logging.info("Resuming from the checkpoint at step %d in %s", step, workdir)
+    kept = metrics_lib.truncate_metrics(metrics_path, step)
+    wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
+
+    accuracy_key = experiment.accuracy_keys[0]
     start = time.perf_counter()
     diverged_at = None
     while step < config.num_steps:
         num_steps = min(config.eval_every, config.num_steps - step)
         chunk_start = time.perf_counter()
-        state, losses = run_steps(state, step, num_steps)
+        state, losses = experiment.run_steps(state, step, num_steps)
         losses = np.asarray(jax.device_get(losses))
         steps_per_sec = num_steps / (time.perf_counter() - chunk_start)
         bad = metrics_lib.first_non_finite(losses.tolist())
+        if bad is None and not params_finite(state.params):
+            bad = num_steps - 1
         if bad is not None:
             diverged_at = step + bad + 1
             metrics_lib.append_metrics(metrics_path, {"step": diverged_at, "diverged": True})
-            logging.error("Training diverged: non-finite loss at step %d", diverged_at)
+            logging.error("Training diverged: non-finite loss or parameters at step %d", diverged_at)
             break
         step += num_steps
         record = {"step": step, "train_loss": float(losses.mean())}
-        record.update(_to_python(evaluate(state, test_images, test_labels)))
+        record.update(experiment.evaluate(state))
         record["steps_per_sec"] = steps_per_sec
         record["wall_time_s"] = wall_time_before + time.perf_counter() - start
         metrics_lib.append_metrics(metrics_path, record)
         logging.info(
-            "[%s] step %d/%d  %.0f steps/s  train_loss %.4f  test_accuracy %.4f",
-            config.variant, step, config.num_steps, steps_per_sec, record["train_loss"], record["test_accuracy"],
+            "[%s] step %d/%d  %.1f steps/s  train_loss %.4f  %s %.4f",
+            config.variant, step, config.num_steps, steps_per_sec, record["train_loss"],
+            accuracy_key, record[accuracy_key],
         )
         if step % config.checkpoint_every == 0 or step == config.num_steps:
             checkpoints.save(manager, step, state)
     wall_time = wall_time_before + time.perf_counter() - start
 
     records = metrics_lib.read_metrics(metrics_path)
-    summary = {"variant": config.variant, **metrics_lib.summarize_accuracy(records)}
+    summary = {
+        "variant": config.variant,
+        **metrics_lib.summarize_accuracy(records, accuracy_key, experiment.milestones, experiment.targets),
+    }
+    for key in experiment.accuracy_keys[1:]:
+        summary.update(metrics_lib.final_and_best(records, key))
     if diverged_at is not None:
         summary["diverged"] = True
         summary["diverged_at_step"] = diverged_at
-    elif config.model.use_bn:
-        population_stats = compute_population_statistics(
-            state, train_images, population_rng,
-            config.bn.population_batches, config.batch_size, config.data.binarize_threshold,
-        )
-        final = _to_python(evaluate(state.replace(batch_stats=population_stats), test_images, test_labels))
-        summary["final_test_accuracy_population_stats"] = final["test_accuracy"]
-        summary["population_batches"] = config.bn.population_batches
-        metrics_lib.append_metrics(
-            metrics_path,
-            {"step": step, metrics_lib.AFTER_TRAINING: True,
-             "test_accuracy_population_stats": final["test_accuracy"],
-             "test_loss_population_stats": final["test_loss"]},
-        )
+    else:
+        if config.model.use_bn:
+            state = _with_population_statistics(state, experiment, config, summary, metrics_path, step)
+        checkpoints.save_final_model(workdir, {"params": state.params, "batch_stats": state.batch_stats})
     summary["wall_time_s"] = wall_time
     rates = [r["steps_per_sec"] for r in records[1:] if "steps_per_sec" in r]  # [0] includes compilation
     summary["steps_per_sec_median"] = float(np.median(rates)) if rates else None

@@ -312,12 +312,17 @@ def main(argv: list[str]) -> int:
     text = markdown(rows, command, time.perf_counter() - start)
     print(text)
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text)
-        with open(os.path.splitext(args.output)[0] + ".json", "w") as f:
-            json.dump({"command": command, "rows": rows}, f, indent=1)
+        write_outputs(args.output, text, {"command": command, "rows": rows})
     return 0
+
+
+def write_outputs(path: str, text: str, record: dict) -> None:
+    """The Markdown table at ``path``, and ``record`` as JSON beside it (``.json``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

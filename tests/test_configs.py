@@ -104,3 +104,109 @@ def test_main_exits_with_the_field_named(tmp_path):
     assert result.returncode == 2
     assert "--config.bn.momentun: config.bn has no field 'momentun'" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ImageNet (Sec. 4.2): each variant differs from its reference in exactly the
+# fields the paper names.
+
+IMAGENET = os.path.join(REPO, "configs", "imagenet.py")
+SEC_421_FIELDS = {  # Sec. 4.2.1 items 2-7 (item 1, the learning rate, is per variant)
+    "model.dropout_rate", "l2_reduction", "lr_decay_speedup", "model.use_lrn", "data.shuffle",
+    "data.distortion_strength",
+}
+
+
+def flat(config, prefix=""):
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_fields(a: str, b: str) -> set[str]:
+    x, y = flat(load_config(f"{IMAGENET}:{a}").to_dict()), flat(load_config(f"{IMAGENET}:{b}").to_dict())
+    return {k for k in x if x[k] != y[k]} - {"variant"}
+
+
+@pytest.mark.parametrize(
+    "variant, reference, fields",
+    [
+        ("bn_baseline", "inception", {"model.use_bn"}),
+        ("bn_x5", "bn_baseline", SEC_421_FIELDS | {"lr_multiplier", "num_steps"}),
+        ("bn_x30", "bn_x5", {"lr_multiplier"}),
+        ("bn_x5_sigmoid", "bn_x5", {"model.nonlinearity"}),
+        ("inception_x5", "inception", {"lr_multiplier"}),
+        ("inception_sigmoid", "inception", {"model.nonlinearity"}),
+        ("googlenet", "inception", {"model.architecture", "model.separable_stem"}),
+        ("bn_x5:small", "bn_x5", {"model.width", "data.image_size", "data.shuffle_window", "data.num_workers",
+                                  "batch_size", "eval_batch_size", "bn.population_batches", "num_steps",
+                                  "eval_every", "checkpoint_every"}),
+    ],
+)
+def test_imagenet_variants_differ_only_in_the_papers_changes(variant, reference, fields):
+    assert changed_fields(variant, reference) == fields
+
+
+def test_imagenet_paper_values():
+    x5, x30, inception = (load_config(f"{IMAGENET}:{v}") for v in ("bn_x5", "bn_x30", "inception"))
+    assert train.initial_learning_rate(inception) == pytest.approx(0.0015)  # Figure 3
+    assert train.initial_learning_rate(x5) == pytest.approx(0.0075)
+    assert train.initial_learning_rate(x30) == pytest.approx(0.045)
+    assert inception.batch_size == 32 and inception.model.dropout_rate == 0.4 and inception.model.use_lrn
+    assert x5.model.dropout_rate == 0.0 and not x5.model.use_lrn and x5.data.shuffle == "global"
+    assert x5.weight_decay / x5.l2_reduction == pytest.approx(inception.weight_decay / 5)
+    assert load_config(IMAGENET).variant == "bn_x30"
+    for variant in ("inception", "bn_baseline", "bn_x5", "bn_x30", "bn_x5_sigmoid", "inception_x5",
+                    "inception_sigmoid", "googlenet"):
+        train.validate_config(load_config(f"{IMAGENET}:{variant}"))
+
+
+def test_imagenet_unknown_variant_or_size():
+    for arg in ("bn_x10", "bn_x5:tiny"):
+        with pytest.raises(Exception, match="Unknown variant.*imagenet.py:bn_x5:small"):
+            load_config(f"{IMAGENET}:{arg}")
+
+
+def test_staircase_decay_is_6x_faster_in_the_accelerated_variants():
+    """x0.96 every 8 epochs (GoogLeNet), every 8/6 epochs with Sec. 4.2.1 item 4."""
+    steps_per_epoch = 600
+    inception = train.create_learning_rate_schedule(load_config(f"{IMAGENET}:inception"), steps_per_epoch)
+    x5 = train.create_learning_rate_schedule(load_config(f"{IMAGENET}:bn_x5"), steps_per_epoch)
+    assert inception(8 * 600 - 1) == pytest.approx(0.0015)
+    assert inception(8 * 600) == pytest.approx(0.0015 * 0.96)
+    assert inception(16 * 600) == pytest.approx(0.0015 * 0.96**2)
+    assert x5(799) == pytest.approx(0.0075) and x5(800) == pytest.approx(0.0075 * 0.96)
+    assert x5(6 * 800) == pytest.approx(0.0075 * 0.96**6)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.data.shuffle=sometimes", "config.data.shuffle must be one of"),
+        ("--config.model.dtype=float16", "config.model.dtype must be one of"),
+        ("--config.model.nonlinearity=tanh", "config.model.nonlinearity must be one of"),
+        ("--config.model.dropout_rate=1.0", "config.model.dropout_rate"),
+        ("--config.eval_batch_size=0", "config.eval_batch_size must be a positive integer"),
+        ("--config.lr_decay_speedup=0.0", "config.lr_decay_speedup must be > 0"),
+    ],
+)
+def test_imagenet_inconsistent_values_are_rejected_naming_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(load_config(f"{IMAGENET}:bn_x5", [override]))
+
+
+def test_weight_decay_skips_biases_and_bn_and_follows_l2_reduction():
+    """The L2 term adds weight_decay / l2_reduction * w to kernels' gradients only."""
+    import jax.numpy as jnp
+
+    config = load_config(f"{IMAGENET}:bn_x5", ["--config.momentum=0.0", "--config.lr_schedule=constant"])
+    tx = train.create_optimizer(config)
+    params = {"conv": {"kernel": jnp.ones(3)}, "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
+    zeros = {"conv": {"kernel": jnp.zeros(3)}, "bn": {"scale": jnp.zeros(3), "bias": jnp.zeros(3)}}
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    lr, decay = 0.0075, 2e-4 / 5
+    assert jnp.allclose(updates["conv"]["kernel"], -lr * decay)
+    assert jnp.all(updates["bn"]["scale"] == 0) and jnp.all(updates["bn"]["bias"] == 0)

@@ -1,6 +1,7 @@
 """ImageNet preprocessing: crop ranges, determinism, evaluation crop."""
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from bn_repro import imagenet_preprocessing as prep
@@ -56,3 +57,86 @@ def test_eval_image_is_the_central_crop_after_resizing_the_shorter_side():
     centre_column = (out[112, 112, 0] + 1.0) * 127.5
     assert abs(centre_column - 127.5) < 2.0
     np.testing.assert_allclose(out, prep.eval_image(x))
+
+
+# GoogLeNet's 144 crops (Sec. 4.2.3). Crop k: scale k // 36, square k // 12 % 3,
+# crop k // 2 % 6 (4 corners, center, whole square), mirrored if k is odd.
+
+
+def gradient_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Red encodes x, green y (0..255 across the image); blue is noise, so crops at
+    different positions never coincide."""
+    x = np.broadcast_to(np.linspace(0, 255, width)[None, :], (height, width))
+    y = np.broadcast_to(np.linspace(0, 255, height)[:, None], (height, width))
+    noise = np.random.default_rng(seed).integers(0, 256, (height, width))
+    return np.stack([x, y, noise], axis=-1).round().astype(np.uint8)
+
+
+def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    return np.asarray(PIL.Image.fromarray(np.ascontiguousarray(image)).resize((width, height), PIL.Image.BILINEAR))
+
+
+def as_uint8(crop: np.ndarray) -> np.ndarray:
+    return np.round((crop + 1.0) * 127.5).astype(np.uint8)
+
+
+def test_multicrop_count_dtype_range_and_scales():
+    assert prep.scales_for(224) == (256, 288, 320, 352)
+    assert prep.scales_for(32) == (37, 41, 46, 50)
+    crops = prep.multicrop_images(gradient_image(60, 90), size=32)
+    assert crops.shape == (144, 32, 32, 3) and crops.dtype == np.float32
+    assert crops.min() >= -1.0 and crops.max() <= 1.0 and crops.min() < -0.9 and crops.max() > 0.9
+    assert prep.multicrop_images(gradient_image(30, 40), size=16, scales=(20, 24)).shape == (72, 16, 16, 3)
+    with pytest.raises(ValueError, match="size"):
+        prep.multicrop_images(gradient_image(30, 40), size=32, scales=(30,))
+
+
+@pytest.mark.parametrize(
+    "k, scale, square, crop, mirrored",
+    [(0, 0, 0, "top_left", False), (63, 1, 2, "top_right", True), (42, 1, 0, "bottom_right", False),
+     (22, 0, 1, "whole", False), (57, 1, 1, "center", True), (28, 0, 2, "bottom_left", False)],
+)
+def test_multicrop_crop_k_is_the_expected_region(k, scale, square, crop, mirrored):
+    # 300x400 (landscape); scales 40 and 48, size 32. Scale 40: 40x53, squares at
+    # columns 0, 6, 13. Scale 48: 48x64, squares at columns 0, 8, 16.
+    image = gradient_image(300, 400)
+    resized = pil_resize(image, 40, 53) if scale == 0 else pil_resize(image, 48, 64)
+    s = resized.shape[0]
+    offset = [[0, 6, 13], [0, 8, 16]][scale][square]
+    sq = resized[:, offset : offset + s]
+    e, c = s - 32, (s - 32) // 2
+    region = {
+        "top_left": sq[:32, :32], "top_right": sq[:32, e:], "bottom_left": sq[e:, :32],
+        "bottom_right": sq[e:, e:], "center": sq[c : c + 32, c : c + 32], "whole": pil_resize(sq, 32, 32),
+    }[crop]
+    expected = region[:, ::-1] if mirrored else region
+    np.testing.assert_array_equal(as_uint8(prep.multicrop_images(image, 32, (40, 48))[k]), expected)
+
+
+def test_multicrop_odd_crops_mirror_the_even_ones():
+    crops = prep.multicrop_images(gradient_image(50, 70), size=24, scales=(30, 36))
+    np.testing.assert_array_equal(crops[1::2], crops[0::2, :, ::-1])
+    assert not np.array_equal(crops[0], crops[1])
+
+
+@pytest.mark.parametrize("height, width", [(60, 150), (150, 60)])
+def test_multicrop_squares_run_along_the_longer_side(height, width):
+    """Landscape: left, center, right squares (x, red, grows; y, green, spans the
+    height in each). Portrait: top, center, bottom."""
+    crops = prep.multicrop_images(gradient_image(height, width), size=32, scales=(40,))
+    whole = crops[10::12]  # Unmirrored whole squares of the 3 positions, resized.
+    along, across = (0, 1) if width > height else (1, 0)  # Channel growing along the longer side.
+    means = whole[..., along].mean(axis=(1, 2))
+    assert means[0] < means[1] < means[2] and means[0] < -0.5 and means[2] > 0.5
+    np.testing.assert_allclose(whole[..., across].mean(axis=(1, 2)), whole[0, ..., across].mean(), atol=0.02)
+    assert whole[0, ..., across].min() < -0.9 and whole[0, ..., across].max() > 0.9
+    # Crop 20, the center square's central crop, is the central crop of the image resized to 40x100.
+    resized = pil_resize(gradient_image(height, width), *((40, 100) if width > height else (100, 40)))
+    top, left = (resized.shape[0] - 32) // 2, (resized.shape[1] - 32) // 2
+    np.testing.assert_array_equal(as_uint8(crops[20]), resized[top : top + 32, left : left + 32])
+
+
+def test_multicrop_of_a_square_image_repeats_one_square():
+    crops = prep.multicrop_images(gradient_image(64, 64), size=32, scales=(40, 48))
+    for scale in range(2):
+        np.testing.assert_array_equal(crops[36 * scale : 36 * scale + 12], crops[36 * scale + 24 : 36 * scale + 36])

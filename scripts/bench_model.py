@@ -1,0 +1,302 @@
+"""Training throughput of BN-Inception (Figure 5) at 224x224: ours (JAX/XLA) against PyTorch.
+
+For each ``--precision`` one run measures, on the first JAX device and (with
+``--torch``) the same device in PyTorch (cuda if available, else CPU):
+
+* ours: OUR training step, ``train.make_streamed_step`` of ``--config`` (default
+  ``configs/imagenet.py:bn_x30``) with ``--config.batch_size`` and
+  ``--config.model.dtype`` set, compiled once via ``step.lower(...).compile()``;
+  the compiled executable is then called with the donated state, as in training.
+* torch: ``models.torch_bn_inception.peer_of`` the same Flax model, with the
+  Flax initial weights copied in (so the first-step losses must agree), eager
+  mode, cross-entropy, SGD with the config's momentum and initial learning
+  rate, and torch's ``weight_decay`` = weight_decay / l2_reduction on conv and
+  linear weights only (the same L2 on kernels as ours; optax adds it to the
+  gradient before momentum, as torch does). bfloat16 = ``torch.autocast``.
+  Run in both memory layouts (contiguous NCHW, channels_last); the faster one
+  is reported, both are in the JSON.
+* FLOPs per step: XLA's cost analysis of our compiled step (used for both
+  implementations: the same network); achieved FLOP/s = FLOPs x steps/s.
+* peak: a jitted ``--matmul_size``^3 matmul of the same dtype on the same
+  device in JAX, and torch's ``a @ b`` likewise, each the best of ``--repeats``
+  calls (other load only lowers a rate); the fraction of peak is of the faster.
+
+One batch of random images in [-1, 1] and random labels stays on the device;
+``--warmup`` steps (the first includes compilation for ours) are excluded; the
+rate is the median over ``--repeats`` timed calls of ``--steps`` steps each.
+
+    python scripts/bench_model.py --output results/bench/bn_inception_cpu.md
+"""
+
+import argparse
+import datetime
+import inspect
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+
+from bench_mnist import timed, version, write_outputs  # noqa: E402
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def matmul_gflops_jax(dtype: str, size: int, repeats: int) -> float:
+    """GFLOP/s of a jitted size^3 matmul of ``dtype`` on the first JAX device (best of ``repeats``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), jnp.float32).astype(dtype) for i in (0, 1))
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    calls = max(1, int(2e11 // (2 * size**3)))  # ~0.2 TFLOP per timed call
+    return 2 * size**3 * max(timed(lambda: [f(a, b).block_until_ready() for _ in range(calls)], calls, repeats)) / 1e9
+
+
+def matmul_gflops_torch(dtype: str, size: int, repeats: int, device: str) -> float:
+    """GFLOP/s of torch's size^3 matmul of ``dtype`` on ``device`` (best of ``repeats``)."""
+    import torch
+
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    (a @ b), sync()
+    calls = max(1, int(2e11 // (2 * size**3)))
+
+    def run() -> None:
+        for _ in range(calls):
+            a @ b
+        sync()
+
+    return 2 * size**3 * max(timed(run, calls, repeats)) / 1e9
+
+
+def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], float, dict]:
+    """(Flax initial variables as numpy, run(n) -> last loss, compile s, XLA cost analysis)."""
+    import jax
+    from bn_repro import train
+
+    model = train.create_model(config)
+    size = config.data.image_size
+    kwargs = {}
+    if "steps_per_epoch" in inspect.signature(train.create_train_state).parameters:
+        kwargs["steps_per_epoch"] = IMAGENET_TRAIN_IMAGES // config.batch_size
+    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 3), **kwargs)
+    variables = jax.tree.map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
+    batch = jax.device_put({"image": batch_np["image"], "label": batch_np["label"]})
+    rng = jax.random.PRNGKey(1)
+    step = train.make_streamed_step(config)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    holder = {"state": state}
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            holder["state"], loss = compiled(holder["state"], batch, rng)
+        return float(loss)
+
+    return variables, run, compile_s, dict(cost)
+
+
+def setup_torch(model, variables: dict, config, batch_np: dict, precision: str, device: str, channels_last: bool
+                ) -> Callable[[int], float]:
+    """run(n) -> last loss of the eager PyTorch peer's training step."""
+    import torch
+    from bn_repro.models.torch_bn_inception import load_flax_variables, peer_of
+
+    peer = peer_of(model)
+    load_flax_variables(peer, variables)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    peer = peer.to(device, memory_format=layout).train()
+    decay = [p for p in peer.parameters() if p.ndim > 1]
+    others = [p for p in peer.parameters() if p.ndim <= 1]
+    lr = config.learning_rate * config.get("lr_multiplier", 1.0)
+    weight_decay = config.weight_decay / config.get("l2_reduction", 1.0)
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": others}],
+                                lr=lr, momentum=config.momentum)
+    x = torch.from_numpy(batch_np["image"].transpose(0, 3, 1, 2).copy()).to(device).contiguous(memory_format=layout)
+    y = torch.from_numpy(batch_np["label"]).long().to(device)
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                loss = torch.nn.functional.cross_entropy(peer(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return float(loss.detach())  # synchronises
+
+    return run
+
+
+def measure(run: Callable[[int], float], args: argparse.Namespace) -> tuple[float, list[float]]:
+    """(loss of the first warm-up step, steps/s of each timed call)."""
+    first = run(1)
+    run(args.warmup - 1) if args.warmup > 1 else None
+    return first, timed(lambda: run(args.steps), args.steps, args.repeats)
+
+
+def bench(precision: str, args: argparse.Namespace) -> list[dict]:
+    import jax
+    from bn_repro import main as bn_main
+
+    overrides = [f"--config.batch_size={args.batch_size}", f"--config.model.dtype={precision}"]
+    overrides += [f"--config.data.image_size={args.image_size}"] if args.image_size else []
+    overrides += args.set
+    config = bn_main.load_config(args.config, overrides)
+    if config.model.architecture != "bn_inception":
+        raise SystemExit(f"{args.config} is not BN-Inception")
+    from bn_repro import train
+
+    size, batch = config.data.image_size, config.batch_size
+    data = np.random.default_rng(0)
+    batch_np = {"image": data.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+                "label": data.integers(0, config.model.num_classes, (batch,)).astype(np.int32)}
+    device = jax.devices()[0]
+    matmul_jax = matmul_gflops_jax(precision, args.matmul_size, args.repeats)
+    variables, run, compile_s, cost = setup_ours(config, batch_np)
+    flops = float(cost["flops"])
+    first, rates = measure(run, args)
+    common = {"precision": precision, "batch_size": batch, "image_size": size, "flops_per_step": flops,
+              "matmul_gflops_jax": matmul_jax, "matmul_size": args.matmul_size}
+    rows = [{**common, "implementation": "ours (JAX/XLA jit)", "device": f"{device.platform}: {device.device_kind}",
+             "threads": "XLA default (all cores)" if device.platform == "cpu" else "-", "layout": "NHWC",
+             "compile_s": compile_s, "first_loss": first, "steps_per_s_each": rates,
+             "bytes_accessed": cost.get("bytes accessed"), "loadavg_1min": os.getloadavg()[0]}]
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        tdev = "cuda" if torch.cuda.is_available() else "cpu"
+        matmul_torch = matmul_gflops_torch(precision, args.matmul_size, args.repeats, tdev)
+        model = train.create_model(config)
+        layouts = {}
+        for channels_last in (False, True):
+            run_torch = setup_torch(model, variables, config, batch_np, precision, tdev, channels_last)
+            first_t, rates_t = measure(run_torch, args)
+            layouts["channels_last" if channels_last else "contiguous"] = (first_t, rates_t)
+        best = max(layouts, key=lambda k: statistics.median(layouts[k][1]))
+        name = torch.cuda.get_device_name() if tdev == "cuda" else "cpu"
+        rows.append({**common, "implementation": "torch eager", "device": f"{tdev}: {name}",
+                     "threads": str(torch.get_num_threads()) if tdev == "cpu" else "-", "layout": best,
+                     "compile_s": None, "first_loss": layouts[best][0], "steps_per_s_each": layouts[best][1],
+                     "other_layouts": {k: v for k, v in layouts.items() if k != best},
+                     "loadavg_1min": os.getloadavg()[0]})
+        for row in rows:
+            row["matmul_gflops_torch"] = matmul_torch
+    for row in rows:
+        steps_per_s = statistics.median(row["steps_per_s_each"])
+        peak = max(row["matmul_gflops_jax"], row.get("matmul_gflops_torch") or 0.0)
+        row.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * batch, achieved_gflops=flops * steps_per_s / 1e9,
+                   peak_gflops=peak, fraction_of_peak=flops * steps_per_s / 1e9 / peak)
+    return rows
+
+
+def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Namespace) -> str:
+    import jax
+    from bn_repro.metrics import cpu_model
+
+    device = jax.devices()[0]
+    lines = [
+        f"# BN-Inception (Figure 5) training throughput, {rows[0]['image_size']}x{rows[0]['image_size']}, "
+        f"batch {rows[0]['batch_size']}", "",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} available), "
+        f"JAX device {device.platform} ({device.device_kind}), {platform.platform()}",
+        f"- versions: python {platform.python_version()}, jax {version('jax')}, jaxlib {version('jaxlib')}, "
+        f"flax {version('flax')}, torch {version('torch')}",
+        f"- threads: JAX/XLA its default pool (all cores); torch `set_num_threads({os.cpu_count()})`; "
+        "one implementation at a time",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total run time {wall_s:.0f} s; "
+        f"1-min load average at the start {args.load_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
+        "(other processes share the machine)",
+        f"- command: `{command}`",
+        f"- config `{os.path.relpath(args.config.partition(':')[0], REPO)}:{args.config.partition(':')[2]}`; ours = the compiled `train.make_streamed_step`; torch = eager peer "
+        "(`bn_repro/models/torch_bn_inception.py`) with the same initial weights, SGD+momentum, L2 on weights; "
+        f"one batch kept on the device; {args.warmup} warm-up steps excluded, median (min-max) of {args.repeats} "
+        f"timed calls of {args.steps} step(s); FLOPs = XLA cost analysis of our compiled step, for both; "
+        f"peak = the faster of JAX's and torch's {args.matmul_size}^3 matmul of the same dtype (best of "
+        f"{args.repeats} calls: contention only lowers rates).", "",
+    ]
+    spread = lambda r: "{:.1f} ({:.1f}-{:.1f})".format(  # noqa: E731
+        r["images_per_s"], *(s * r["batch_size"] for s in (min(r["steps_per_s_each"]), max(r["steps_per_s_each"]))))
+    columns = [
+        ("implementation", lambda r: r["implementation"]), ("precision", lambda r: r["precision"]),
+        ("device", lambda r: r["device"]), ("threads", lambda r: r["threads"]), ("layout", lambda r: r["layout"]),
+        ("images/s (min-max)", spread), ("s/step", lambda r: f"{1 / r['steps_per_s']:.2f}"),
+        ("GFLOPs/step (XLA)", lambda r: f"{r['flops_per_step'] / 1e9:.4g}"),
+        ("achieved GFLOP/s", lambda r: f"{r['achieved_gflops']:.3g}"),
+        ("matmul GFLOP/s JAX / torch", lambda r: f"{r['matmul_gflops_jax']:.0f} / "
+         + (f"{r['matmul_gflops_torch']:.0f}" if r.get("matmul_gflops_torch") else "-")),
+        ("fraction of peak", lambda r: f"{r['fraction_of_peak']:.3f}"),
+        ("first-step loss", lambda r: f"{r['first_loss']:.4f}"),
+        ("compile s", lambda r: f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"),
+    ]
+    lines += ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    others = [f"- torch {r['precision']} {k}: {statistics.median(v[1]) * r['batch_size']:.1f} images/s"
+              for r in rows for k, v in r.get("other_layouts", {}).items()]
+    lines += ["", "Other torch layout:", *others] if others else []
+    if any(r["fraction_of_peak"] > 1 for r in rows):
+        lines += ["", "A fraction above 1: the matmul measured here is not this dtype's peak on this device."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--image_size", type=int, help="Override the config's (224); for smoke tests.")
+    parser.add_argument("--set", action="append", default=[], metavar="--config.FIELD=VALUE",
+                        help="A config override for our network (repeatable), e.g. --set=--config.model.separable_stem=False.")
+    parser.add_argument("--precision", default="float32", help="float32, bfloat16, or both comma-separated.")
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
+                        help="Also measure the PyTorch peer (default: if torch imports).")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (>= 1).")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed calls; the median is reported.")
+    parser.add_argument("--steps", type=int, default=1, help="Steps per timed call.")
+    parser.add_argument("--matmul_size", type=int, default=None, help="Peak matmul size (default 2048 CPU, 8192 else).")
+    parser.add_argument("--output", help="Also write the Markdown here, and the JSON rows beside it (.json).")
+    args = parser.parse_args(argv)
+    precisions = [p.strip() for p in args.precision.split(",")]
+    if bad := [p for p in precisions if p not in ("float32", "bfloat16")]:
+        parser.error(f"--precision: unknown {bad}")
+    args.warmup = max(1, args.warmup)
+    args.torch = torch_available() if args.torch is None else args.torch
+    import jax
+
+    if args.matmul_size is None:
+        args.matmul_size = 2048 if jax.devices()[0].platform == "cpu" else 8192
+    start, args.load_start = time.perf_counter(), os.getloadavg()[0]
+    rows = [row for precision in precisions for row in bench(precision, args)]
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])
+    text = markdown(rows, command, time.perf_counter() - start, args)
+    print(text)
+    if args.output:
+        from bn_repro.metrics import environment_info
+
+        record = {"command": command, "environment": environment_info(command), "torch": version("torch"), "rows": rows}
+        write_outputs(args.output, text, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
