@@ -25,20 +25,27 @@ BATCH_MOMENTS = "batch_moments"
 
 
 def batch_moments(
-    x: jax.Array, axes: tuple[int, ...], use_fast_variance: bool
+    x: jax.Array, axes: tuple[int, ...], use_fast_variance: bool, axis_name: str | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Mini-batch mean and biased variance over ``axes`` (Algorithm 1).
 
     Computed in float32 at least, whatever the input dtype. The two-pass
     formula mean((x - mu)^2) is the paper's; the one-pass E[x^2] - E[x]^2 is
-    faster and can lose precision when |mu| >> sigma.
+    faster and can lose precision when |mu| >> sigma. With ``axis_name``
+    (inside ``pmap``) the mini-batch is the union of every device's equal
+    share: the moments are averaged over that axis.
     """
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = jnp.mean(x, axis=axes)
+
+    def mean_over_batch(y):
+        m = jnp.mean(y, axis=axes)
+        return m if axis_name is None else jax.lax.pmean(m, axis_name)
+
+    mean = mean_over_batch(x)
     if use_fast_variance:
-        var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes) - jnp.square(mean), 0.0)
+        var = jnp.maximum(mean_over_batch(jnp.square(x)) - jnp.square(mean), 0.0)
     else:
-        var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
+        var = mean_over_batch(jnp.square(x - jnp.expand_dims(mean, axes)))
     return mean, var
 
 
@@ -70,12 +77,21 @@ class BatchNorm(nn.Module):
       use_fast_variance: one-pass variance E[x^2]-E[x]^2 instead of the
         two-pass mean((x-mu)^2).
       dtype: dtype of the output (statistics are always float32 or wider).
+      axis_name: inside ``pmap``, the device axis over which the statistics
+        are synchronised (the mini-batch is every device's share together).
+      virtual_batch_size: if set, training normalises each consecutive group
+        of this many examples with that group's own statistics (the paper's
+        per-worker mini-batch of 32, whatever the global batch and device
+        count); the moving averages and the recorded moments are the means
+        over the groups, and m counts one group's values.
     """
 
     momentum: float = 0.99
     epsilon: float = 1e-5
     use_fast_variance: bool = False
     dtype: Any = None
+    axis_name: str | None = None
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -88,22 +104,40 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stat_dtype)
 
         if use_running_average:
-            mean, var = ra_mean.value, ra_var.value
+            return self._normalize(x, ra_mean.value, ra_var.value, gamma, beta)
+        if self.virtual_batch_size:
+            v = self.virtual_batch_size
+            if x.shape[0] % v:
+                raise ValueError(
+                    f"a batch of {x.shape[0]} examples cannot be cut into virtual batches of {v} "
+                    "(config.bn.virtual_batch_size must divide every training batch)"
+                )
+            groups = x.reshape((x.shape[0] // v, v) + x.shape[1:])
+            group_mean, group_var = batch_moments(groups, tuple(range(1, groups.ndim - 1)), self.use_fast_variance)
+            stat_shape = (groups.shape[0],) + (1,) * (groups.ndim - 2) + (features,)
+            y = self._normalize(groups, group_mean.reshape(stat_shape), group_var.reshape(stat_shape), gamma, beta)
+            y = y.reshape(x.shape)
+            mean, var = jnp.mean(group_mean, axis=0), jnp.mean(group_var, axis=0)
+            count = v * (x.size // (x.shape[0] * features))
         else:
-            mean, var = batch_moments(x, axes, self.use_fast_variance)
-            if self.is_mutable_collection(BATCH_MOMENTS) and not self.is_initializing():
-                count = jnp.asarray(x.size // features, stat_dtype)
-                self.put_variable(BATCH_MOMENTS, "mean", mean)
-                self.put_variable(BATCH_MOMENTS, "var", var)
-                self.put_variable(BATCH_MOMENTS, "count", count)
-            if self.is_mutable_collection("batch_stats") and not self.is_initializing():
-                m = self.momentum
-                ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
-                ra_var.value = m * ra_var.value + (1.0 - m) * var
+            mean, var = batch_moments(x, axes, self.use_fast_variance, self.axis_name)
+            y = self._normalize(x, mean, var, gamma, beta)
+            devices = 1 if self.axis_name is None else jax.lax.psum(1, self.axis_name)
+            count = x.size // features * devices
+        if self.is_mutable_collection(BATCH_MOMENTS) and not self.is_initializing():
+            self.put_variable(BATCH_MOMENTS, "mean", mean)
+            self.put_variable(BATCH_MOMENTS, "var", var)
+            self.put_variable(BATCH_MOMENTS, "count", jnp.asarray(count, stat_dtype))
+        if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+            m = self.momentum
+            ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+            ra_var.value = m * ra_var.value + (1.0 - m) * var
+        return y
 
+    def _normalize(self, x: jax.Array, mean: jax.Array, var: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
         # gamma * (x - mu) / sqrt(var + eps) + beta, with the scale folded in.
         scale = gamma * jax.lax.rsqrt(var + self.epsilon)
-        y = (x.astype(stat_dtype) - mean) * scale + beta
+        y = (x.astype(scale.dtype) - mean) * scale + beta
         return y.astype(self.dtype or x.dtype)
 
 

@@ -41,14 +41,22 @@ def save_final_model(workdir: str, variables: Any) -> None:
         checkpointer.save(os.path.join(os.path.abspath(workdir), FINAL_MODEL), variables, force=True)
 
 
-def load_final_model(workdir: str, target: Any) -> Any:
-    """The variables ``save_final_model`` wrote, restored into ``target``'s structure."""
+def load_final_model(workdir: str, target: Any = None) -> Any:
+    """The variables ``save_final_model`` wrote, on this process's first device.
+
+    ``target`` (a tree of arrays or shapes) gives the structure; without it,
+    the saved one. Either way a model trained on any number of devices loads
+    here.
+    """
     path = os.path.join(os.path.abspath(workdir), FINAL_MODEL)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"{path} does not exist: {workdir} holds no finished run (the final model is written when "
             "training ends without diverging)"
         )
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
+        if target is None:
+            target = checkpointer.metadata(path).item_metadata.tree
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
         return checkpointer.restore(path, abstract)

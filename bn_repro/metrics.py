@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -115,17 +116,40 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def git_state() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the git checkout this package is in, else ``(None, None)``.
+
+    ``dirty``: a tracked file differs from the commit. None, never an error,
+    when git is missing or slow, or the package is not a tracked file of a
+    checkout (e.g. installed into a venv that lies inside one).
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+
+    try:
+        git("ls-files", "--error-unmatch", os.path.basename(__file__))
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
 def environment_info(command: str) -> dict:
-    """Device, versions and the command line of this run, for the run record."""
+    """Device, versions, code version and the command line of this run, for the run record."""
     import flax
     import jaxlib
     import optax
 
     device = jax.devices()[0]
+    commit, dirty = git_state()
     return {
         "device_kind": device.device_kind,
         "platform": device.platform,
         "device_count": jax.device_count(),
+        "local_device_count": jax.local_device_count(),
         "process_count": jax.process_count(),
         "cpu": cpu_model(),
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -134,5 +158,7 @@ def environment_info(command: str) -> dict:
         "jaxlib": jaxlib.__version__,
         "flax": flax.__version__,
         "optax": optax.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
         "command": command,
     }

@@ -26,7 +26,8 @@ class MLP(nn.Module):
       num_classes: outputs of the final linear layer.
       use_bn: sigmoid(BN(W u)) instead of sigmoid(W u + b).
       weight_init_std: standard deviation of the Gaussian weight init.
-      bn_momentum, bn_epsilon, bn_use_fast_variance: see BatchNorm.
+      bn_momentum, bn_epsilon, bn_use_fast_variance, bn_axis_name,
+        bn_virtual_batch_size: see BatchNorm.
     """
 
     hidden_units: Sequence[int] = (100, 100, 100)
@@ -36,6 +37,8 @@ class MLP(nn.Module):
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-5
     bn_use_fast_variance: bool = False
+    bn_axis_name: str | None = None
+    bn_virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -48,6 +51,8 @@ class MLP(nn.Module):
                     momentum=self.bn_momentum,
                     epsilon=self.bn_epsilon,
                     use_fast_variance=self.bn_use_fast_variance,
+                    axis_name=self.bn_axis_name,
+                    virtual_batch_size=self.bn_virtual_batch_size,
                     name=f"bn{i}",
                 )(z, use_running_average=not train)
             x = nn.sigmoid(z)

@@ -33,7 +33,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from bn_repro import checkpoints, imagenet_data, mnist_data
+from bn_repro import checkpoints, imagenet_data, mnist_data, parallel
 from bn_repro import metrics as metrics_lib
 from bn_repro.batchnorm import BATCH_MOMENTS, population_statistics
 from bn_repro.mlp import MLP, SIGMOID_INPUT
@@ -98,6 +98,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     else:
         raise ValueError(f"config.experiment must be 'mnist' or 'imagenet', got {config.experiment!r}")
     create_learning_rate_schedule(config, steps_per_epoch=1)  # raises for an unknown config.lr_schedule
+    parallel.validate(config, jax.device_count())
+    if config.lr_scaling not in ("none", "linear"):
+        raise ValueError(f"config.lr_scaling must be 'none' or 'linear', got {config.lr_scaling!r}")
+    if not (isinstance(config.lr_reference_batch_size, int) and config.lr_reference_batch_size > 0):
+        raise ValueError(
+            f"config.lr_reference_batch_size must be a positive integer, got {config.lr_reference_batch_size!r}"
+        )
 
 
 def _get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -106,9 +113,15 @@ def _get_field(config: ml_collections.ConfigDict, dotted: str) -> Any:
     return config
 
 
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The experiment's network: the MNIST MLP, BN-Inception (Figure 5) or GoogLeNet."""
+def create_model(config: ml_collections.ConfigDict, loop: str | None = None) -> nn.Module:
+    """The experiment's network: the MNIST MLP, BN-Inception (Figure 5) or GoogLeNet.
+
+    Its BN layers take their statistics as ``config.bn.statistics`` says, in
+    the training loop ``loop`` (default ``config.parallel``; ``'jit'`` gives
+    the model a single program evaluates).
+    """
     m = config.model
+    bn = parallel.bn_settings(config if loop is None else _with_loop(config, loop), jax.device_count())
     if config.experiment == "mnist":
         return MLP(
             hidden_units=tuple(m.hidden_units),
@@ -118,20 +131,32 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
             bn_momentum=config.bn.momentum,
             bn_epsilon=config.bn.epsilon,
             bn_use_fast_variance=config.bn.use_fast_variance,
+            **bn,
         )
     common = dict(
         num_classes=m.num_classes, use_bn=m.use_bn, nonlinearity=m.nonlinearity, dropout_rate=m.dropout_rate,
         use_lrn=m.use_lrn, width=m.width, bn_momentum=config.bn.momentum, bn_epsilon=config.bn.epsilon,
-        dtype=DTYPES[m.dtype],
+        dtype=DTYPES[m.dtype], **bn,
     )
     if m.architecture == "googlenet":
         return GoogLeNet(aux_heads=m.aux_heads, **common)
     return BNInception(separable_stem=m.separable_stem, pool_proj_4cd=m.pool_proj_4cd, **common)
 
 
+def _with_loop(config: ml_collections.ConfigDict, loop: str) -> ml_collections.ConfigDict:
+    config = config.copy_and_resolve_references()
+    config.parallel = loop
+    return config
+
+
 def initial_learning_rate(config: ml_collections.ConfigDict) -> float:
-    """``learning_rate`` times ``lr_multiplier`` (Sec. 4.2.1 item 1; 1 if the config has none)."""
-    return config.learning_rate * config.get("lr_multiplier", 1.0)
+    """``learning_rate`` times ``lr_multiplier`` (Sec. 4.2.1 item 1; 1 if the config has
+    none), and, with ``lr_scaling='linear'``, times ``batch_size / lr_reference_batch_size``
+    (the linear scaling rule for a larger global batch over more devices)."""
+    lr = config.learning_rate * config.get("lr_multiplier", 1.0)
+    if config.lr_scaling == "linear":
+        lr *= config.batch_size / config.lr_reference_batch_size
+    return lr
 
 
 def create_learning_rate_schedule(
@@ -200,13 +225,15 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array | None = None
+    state: TrainState, batch: dict[str, jax.Array], dropout_rng: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict]:
     """One SGD step; BN uses batch statistics and updates its moving averages.
 
     Dropout (if the model has any) draws from ``dropout_rng`` folded with the
     step, so a resumed run draws the same masks. GoogLeNet's auxiliary
-    classifiers, when on, add their losses with weight 0.3.
+    classifiers, when on, add their losses with weight 0.3. Inside ``pmap``,
+    ``axis_name`` averages the gradients and the loss over the devices.
     """
     rngs = None if dropout_rng is None else {"dropout": jax.random.fold_in(dropout_rng, state.step)}
 
@@ -225,6 +252,8 @@ def train_step(
         return loss, updates
 
     (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads, loss = jax.lax.pmean((grads, loss), axis_name)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
     return state, {"loss": loss}
 
@@ -249,14 +278,22 @@ def make_train_chunk(config: ml_collections.ConfigDict) -> Callable:
     carried from one call to the next so that each epoch's permutation is
     computed once; start a run (or a resumed run) with
     ``no_epoch_order(num_examples)``.
+
+    With ``config.parallel='pmap'`` every argument but ``state`` and
+    ``epoch_order`` is broadcast, each device takes its slice of every global
+    batch, and ``losses`` has a leading device axis. With ``'jit'`` on several
+    devices the batch is sharded over them.
     """
     batch_size = config.batch_size
     threshold = config.data.binarize_threshold
+    pmap = config.parallel == "pmap"
+    local_batch = batch_size // jax.device_count() if pmap else batch_size
+    mesh = parallel.data_mesh() if not pmap and jax.device_count() > 1 else None
 
-    @functools.partial(jax.jit, static_argnames="num_steps", donate_argnums=(0, 1))
     def chunk(state, epoch_order, images, labels, rng, start_step, num_steps):
         num_examples = images.shape[0]
         steps_per_epoch = num_examples // batch_size
+        offset = jax.lax.axis_index(parallel.DATA_AXIS) * local_batch if pmap else 0
 
         def body(carry, step):
             state, (order, order_epoch) = carry
@@ -266,16 +303,23 @@ def make_train_chunk(config: ml_collections.ConfigDict) -> Callable:
                 lambda: order,
                 lambda: epoch_permutation(rng, epoch, num_examples),
             )
-            index = jax.lax.dynamic_slice_in_dim(order, position * batch_size, batch_size)
+            index = jax.lax.dynamic_slice_in_dim(order, position * batch_size + offset, local_batch)
             batch = {"image": preprocess(images[index], threshold), "label": labels[index]}
-            state, step_metrics = train_step(state, batch)
+            if mesh is not None:
+                batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
+            state, step_metrics = train_step(state, batch, axis_name=parallel.DATA_AXIS if pmap else None)
             return (state, (order, epoch)), step_metrics["loss"]
 
         steps = start_step + jnp.arange(num_steps)
         (state, epoch_order), losses = jax.lax.scan(body, (state, epoch_order), steps)
         return state, epoch_order, losses
 
-    return chunk
+    if pmap:
+        return jax.pmap(
+            chunk, parallel.DATA_AXIS, in_axes=(0, 0, None, None, None, None),
+            static_broadcasted_argnums=6, donate_argnums=(0, 1),
+        )
+    return jax.jit(chunk, static_argnames="num_steps", donate_argnums=(0, 1))
 
 
 def no_epoch_order(num_examples: int) -> tuple[jax.Array, jax.Array]:
@@ -287,20 +331,41 @@ def make_streamed_step(config: ml_collections.ConfigDict) -> Callable:
     """``step(state, batch, rng)`` -> ``(state, loss)``: one jitted training step on
     a host-fed batch ``{"image", "label"}`` (MNIST: uint8 images, binarised on
     the device; ImageNet: float32 crops preprocessed on the host). ``rng``
-    seeds dropout. The state is donated."""
+    seeds dropout. The state is donated. ``batch`` is this process's share of
+    the global batch; the step splits it over the devices as
+    ``config.parallel`` says (``state`` must be laid out for that loop:
+    ``place_state``)."""
     if config.experiment == "mnist":
         threshold = config.data.binarize_threshold
         device_preprocess = lambda images: preprocess(images, threshold)  # noqa: E731
     else:
         device_preprocess = lambda images: images  # noqa: E731
 
-    @functools.partial(jax.jit, donate_argnums=0)
     def step(state, batch, rng):
         batch = {"image": device_preprocess(batch["image"]), "label": batch["label"]}
-        state, step_metrics = train_step(state, batch, rng)
+        if config.parallel == "pmap":  # Each device its own dropout masks.
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
+            state, step_metrics = train_step(state, batch, rng, axis_name=parallel.DATA_AXIS)
+        else:
+            state, step_metrics = train_step(state, batch, rng)
         return state, step_metrics["loss"]
 
-    return step
+    if config.parallel == "pmap":
+        pmapped = jax.pmap(step, parallel.DATA_AXIS, in_axes=(0, 0, None), donate_argnums=0)
+
+        def pmap_step(state, batch, rng):
+            state, loss = pmapped(state, parallel.split_for_pmap(batch), rng)
+            return state, loss[0]
+
+        return pmap_step
+    if jax.device_count() == 1:
+        return jax.jit(step, donate_argnums=0)
+    mesh = parallel.data_mesh()
+    jitted = jax.jit(
+        step, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh), parallel.replicated(mesh)),
+        out_shardings=parallel.replicated(mesh), donate_argnums=0,
+    )
+    return lambda state, batch, rng: jitted(state, parallel.shard_batch(batch, mesh), rng)
 
 
 def host_batches(
@@ -346,12 +411,14 @@ def make_eval_step(config: ml_collections.ConfigDict) -> Callable:
         )
         return logits, intermediates["intermediates"][SIGMOID_INPUT][0][:, unit]
 
+    virtual = parallel.bn_settings(_with_loop(config, "jit"), jax.device_count())["bn_virtual_batch_size"]
+
     @jax.jit
     def evaluate(state, images, labels):
         x = preprocess(images, threshold)
         logits, sigmoid_input = forward(state, x, train=False)
-        if config.model.use_bn:
-            _, sigmoid_input = forward(state, x, train=True)
+        if config.model.use_bn:  # (with virtual batches: the whole ones the test set holds)
+            _, sigmoid_input = forward(state, x[: x.shape[0] // virtual * virtual] if virtual else x, train=True)
         p15, p50, p85 = jnp.percentile(sigmoid_input, jnp.array([15.0, 50.0, 85.0]))
         return {
             "test_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
@@ -535,24 +602,28 @@ def mnist_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, pop
     test_images = jnp.asarray(data["test_images"])
     test_labels = jnp.asarray(data["test_labels"])
 
+    pmap = config.parallel == "pmap"
     if config.data.on_device:
         train_chunk = make_train_chunk(config)
         epoch_order = no_epoch_order(train_images.shape[0])
+        epoch_order = parallel.replicate_for_pmap(epoch_order) if pmap else epoch_order
 
         def run_steps(state, step, num_steps):
             nonlocal epoch_order
             state, epoch_order, losses = train_chunk(
-                state, epoch_order, train_images, train_labels, data_rng, step, num_steps=num_steps
+                state, epoch_order, train_images, train_labels, data_rng, step, num_steps
             )
-            return state, losses
+            return state, losses[0] if pmap else losses
     else:
         streamed_step = make_streamed_step(config)
         host_images, host_labels = data["train_images"], data["train_labels"]
+        share = config.batch_size // jax.process_count()  # This process's slice of each global batch.
+        mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
 
         def run_steps(state, step, num_steps):
             losses = []
             for images, labels in host_batches(host_images, host_labels, data_rng, step, num_steps, config.batch_size):
-                state, loss = streamed_step(state, {"image": images, "label": labels}, data_rng)
+                state, loss = streamed_step(state, {"image": images[mine], "label": labels[mine]}, data_rng)
                 losses.append(loss)
             return state, jnp.stack(losses)
 
@@ -659,13 +730,40 @@ def _with_population_statistics(
     return state
 
 
+def place_state(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+    """``state`` laid out for the training loop: replicated over every device
+    (``jit`` on several devices), one copy per local device (``pmap``), or as is."""
+    if config.parallel == "pmap":
+        return parallel.replicate_for_pmap(state)
+    if jax.device_count() > 1:
+        return parallel.replicate_on_mesh(state, parallel.data_mesh())
+    return state
+
+
+def synchronize_batch_stats(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+    """Under ``pmap``, every device's moving averages set to their mean over devices
+    (they differ with per-device or virtual statistics); otherwise ``state``."""
+    if config.parallel != "pmap" or not state.batch_stats:
+        return state
+    return state.replace(batch_stats=parallel.sync_batch_stats(state.batch_stats))
+
+
+def single_program_state(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+    """The state as one program sees it, for evaluation, Algorithm 2 and checkpoints:
+    under ``pmap``, device 0's copy with a model that needs no device axis."""
+    if config.parallel != "pmap":
+        return state
+    return parallel.unreplicate(state).replace(apply_fn=create_model(config, loop="jit").apply)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, command: str = ""
 ) -> dict:
     """Trains, evaluating every ``eval_every`` steps, and returns the run's summary.
 
     Writes into ``workdir``: ``config.json`` (the resolved config),
-    ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and, for a net with
+    ``environment.json`` (devices, processes, versions, git commit: at the
+    start), ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and, for a net with
     BN, ``final_model/`` (parameters with Algorithm 2's population
     statistics). If ``workdir`` holds a checkpoint, training resumes from it,
     and the metrics recorded after it are dropped, so the finished run's
@@ -679,6 +777,8 @@ def train_and_evaluate(
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     check_same_config(config_path, config)
     metrics_lib.write_json(config_path, config.to_dict())
+    # Where and with what this run (or this resumption of it) runs, from its start.
+    metrics_lib.write_json(os.path.join(workdir, "environment.json"), metrics_lib.environment_info(command))
 
     init_rng, data_rng, population_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     setup = mnist_experiment if config.experiment == "mnist" else imagenet_experiment
@@ -690,6 +790,7 @@ def train_and_evaluate(
     state, step = checkpoints.restore_latest(manager, state)
     if step:
         logging.info("Resuming from the checkpoint at step %d in %s", step, workdir)
+    state = place_state(state, config)
     kept = metrics_lib.truncate_metrics(metrics_path, step)
     wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
 
@@ -711,8 +812,9 @@ def train_and_evaluate(
             logging.error("Training diverged: non-finite loss or parameters at step %d", diverged_at)
             break
         step += num_steps
+        state = synchronize_batch_stats(state, config)
         record = {"step": step, "train_loss": float(losses.mean())}
-        record.update(experiment.evaluate(state))
+        record.update(experiment.evaluate(single_program_state(state, config)))
         record["steps_per_sec"] = steps_per_sec
         record["wall_time_s"] = wall_time_before + time.perf_counter() - start
         metrics_lib.append_metrics(metrics_path, record)
@@ -722,8 +824,9 @@ def train_and_evaluate(
             accuracy_key, record[accuracy_key],
         )
         if step % config.checkpoint_every == 0 or step == config.num_steps:
-            checkpoints.save(manager, step, state)
+            checkpoints.save(manager, step, single_program_state(state, config))
     wall_time = wall_time_before + time.perf_counter() - start
+    state = single_program_state(state, config)
 
     records = metrics_lib.read_metrics(metrics_path)
     summary = {
@@ -742,6 +845,9 @@ def train_and_evaluate(
     summary["wall_time_s"] = wall_time
     rates = [r["steps_per_sec"] for r in records[1:] if "steps_per_sec" in r]  # [0] includes compilation
     summary["steps_per_sec_median"] = float(np.median(rates)) if rates else None
+    summary["global_batch_size"] = config.batch_size
+    summary["images_per_sec_median"] = summary["steps_per_sec_median"] * config.batch_size if rates else None
+    summary["precision"] = config.model.get("dtype", "float32")
     summary["environment"] = metrics_lib.environment_info(command)
     metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
     manager.close()

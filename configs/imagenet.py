@@ -81,6 +81,12 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     # [ours] Algorithm 2: training mini-batches (of batch_size) averaged into
     # the final model's population statistics: 1000 x 32 = 32k images.
     config.bn.population_batches = 1000
+    # Data parallelism: 'global' (statistics of the whole global batch),
+    # 'per_device' (each device's share), or 'virtual' (groups of
+    # virtual_batch_size examples whatever the device count: [paper] the
+    # per-worker mini-batch of 32 of its asynchronous training).
+    config.bn.statistics = "global"
+    config.bn.virtual_batch_size = 32
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "imagenet2012"
@@ -103,7 +109,13 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     config.data.eval_split = "validation"  # [paper] the 50k validation images.
     config.data.num_workers = 8  # [ours] decoding/augmentation processes per host.
 
-    config.batch_size = 32  # [paper] per step.
+    config.batch_size = 32  # [paper] per step: the global batch, split over the devices.
+    # 'jit' (the batch sharded over every device) or 'pmap' (one copy per device).
+    config.parallel = "jit"
+    # 'none', or 'linear': the learning rate times batch_size / lr_reference_batch_size
+    # (for a global batch grown with the device count).
+    config.lr_scaling = "none"
+    config.lr_reference_batch_size = 32  # the paper's batch
     config.eval_batch_size = 250  # [ours] 50,000 = 200 x 250; the last batch is padded if needed.
     config.learning_rate = 0.0015  # [paper] Inception's initial learning rate.
     config.lr_multiplier = {"bn_x5": 5.0, "bn_x5_sigmoid": 5.0, "inception_x5": 5.0, "bn_x30": 30.0}.get(
@@ -133,6 +145,7 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
         config.data.shuffle_window = 8
         config.data.num_workers = 0
         config.batch_size = 8
+        config.bn.virtual_batch_size = 8
         config.eval_batch_size = 8
         config.bn.population_batches = 2
         config.num_steps = 4

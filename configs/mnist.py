@@ -42,6 +42,11 @@ def get_config(variant: str = "bn") -> ml_collections.ConfigDict:
     # [ours] Algorithm 2: number of training mini-batches (of batch_size) whose
     # moments are averaged into the final model's population statistics.
     config.bn.population_batches = 1000
+    # Data parallelism (several devices or hosts): where BN's statistics come
+    # from: 'global' (the whole batch), 'per_device' (each device's share), or
+    # 'virtual' (groups of virtual_batch_size examples, any device count).
+    config.bn.statistics = "global"
+    config.bn.virtual_batch_size = 60
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "mnist"
@@ -58,7 +63,13 @@ def get_config(variant: str = "bn") -> ml_collections.ConfigDict:
     # the host and fed one step at a time (the path a streamed dataset takes).
     config.data.on_device = True
 
-    config.batch_size = 60  # [paper]
+    config.batch_size = 60  # [paper] the global batch, split over the devices.
+    # 'jit' (the batch sharded over every device) or 'pmap' (one copy per device).
+    config.parallel = "jit"
+    # 'none', or 'linear': the learning rate times batch_size / lr_reference_batch_size
+    # (for a global batch grown with the device count).
+    config.lr_scaling = "none"
+    config.lr_reference_batch_size = 60  # the paper's batch
     config.num_steps = 50_000  # [paper]
     config.learning_rate = 0.5  # [ours] initial rate of plain SGD.
     config.momentum = 0.0  # [ours] 0 = plain SGD, the natural reading.

@@ -142,7 +142,7 @@ def changed_fields(a: str, b: str) -> set[str]:
         ("inception_sigmoid", "inception", {"model.nonlinearity"}),
         ("googlenet", "inception", {"model.architecture", "model.separable_stem"}),
         ("bn_x5:small", "bn_x5", {"model.width", "data.image_size", "data.shuffle_window", "data.num_workers",
-                                  "batch_size", "eval_batch_size", "bn.population_batches", "num_steps",
+                                  "batch_size", "eval_batch_size", "bn.population_batches", "bn.virtual_batch_size", "num_steps",
                                   "eval_every", "checkpoint_every"}),
     ],
 )
@@ -210,3 +210,26 @@ def test_weight_decay_skips_biases_and_bn_and_follows_l2_reduction():
     lr, decay = 0.0075, 2e-4 / 5
     assert jnp.allclose(updates["conv"]["kernel"], -lr * decay)
     assert jnp.all(updates["bn"]["scale"] == 0) and jnp.all(updates["bn"]["bias"] == 0)
+
+
+def test_linear_learning_rate_scaling_with_the_global_batch():
+    base = load_config(f"{IMAGENET}:bn_x30")
+    scaled = load_config(f"{IMAGENET}:bn_x30", ["--config.lr_scaling=linear", "--config.batch_size=256"])
+    assert train.initial_learning_rate(scaled) == pytest.approx(train.initial_learning_rate(base) * 256 / 32)
+    unscaled = load_config(f"{IMAGENET}:bn_x30", ["--config.batch_size=256"])
+    assert train.initial_learning_rate(unscaled) == pytest.approx(0.045)
+    with pytest.raises(ValueError, match="config.lr_scaling"):
+        train.validate_config(load_config(f"{IMAGENET}:bn_x30", ["--config.lr_scaling=sqrt"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--config.parallel=pjit"], "config.parallel must be one of"),
+        (["--config.bn.statistics=local"], "config.bn.statistics must be one of"),
+        (["--config.bn.statistics=virtual", "--config.bn.virtual_batch_size=7"], "config.bn.virtual_batch_size .* divisor"),
+    ],
+)
+def test_parallel_fields_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.validate_config(load_config(f"{IMAGENET}:bn_x30", overrides))

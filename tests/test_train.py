@@ -38,6 +38,21 @@ class Interrupted(Exception):
     pass
 
 
+def train_interrupted_after(config, workdir, step: int, monkeypatch) -> None:
+    """Runs ``config`` in ``workdir`` and stops it right after the metrics of ``step`` are written."""
+    append = metrics_lib.append_metrics
+
+    def append_then_interrupt(path, record):
+        append(path, record)
+        if record["step"] == step:
+            raise Interrupted
+
+    monkeypatch.setattr(metrics_lib, "append_metrics", append_then_interrupt)
+    with pytest.raises(Interrupted):
+        train.train_and_evaluate(config, str(workdir))
+    monkeypatch.setattr(metrics_lib, "append_metrics", append)
+
+
 @pytest.mark.parametrize("variant", ["bn", "baseline"])
 def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_path, monkeypatch, variant):
     config = small_config(small_mnist_dir, variant)
@@ -47,17 +62,7 @@ def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_
     # Interrupt right after the evaluation at step 250 is written: the last
     # checkpoint is at 200, so the resumed run redoes steps 201-300.
     resumed = tmp_path / "resumed"
-    append = metrics_lib.append_metrics
-
-    def append_then_interrupt(path, record):
-        append(path, record)
-        if record["step"] == 250:
-            raise Interrupted
-
-    monkeypatch.setattr(metrics_lib, "append_metrics", append_then_interrupt)
-    with pytest.raises(Interrupted):
-        train.train_and_evaluate(config, str(resumed))
-    monkeypatch.setattr(metrics_lib, "append_metrics", append)
+    train_interrupted_after(config, resumed, 250, monkeypatch)
     assert [r["step"] for r in metrics_lib.read_metrics(str(resumed / "metrics.jsonl"))][-1] == 250
     train.train_and_evaluate(config, str(resumed))
 

@@ -96,7 +96,7 @@ class BNInception(nn.Module):
       separable_stem: the first conv as depthwise (multiplier 8) + pointwise, per the footnote.
       pool_proj_4cd: pool projection of 4c and 4d (96 as TF-slim, 128 as printed).
       width: multiplier of every layer's channel count (1 = the paper's net).
-      bn_momentum, bn_epsilon: see BatchNorm.
+      bn_momentum, bn_epsilon, bn_axis_name, bn_virtual_batch_size: see BatchNorm.
       dtype: computation dtype (bfloat16 on accelerators); parameters and BN
         statistics stay float32.
     """
@@ -111,13 +111,16 @@ class BNInception(nn.Module):
     width: float = 1.0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    bn_axis_name: str | None = None
+    bn_virtual_batch_size: int | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kw = dict(
             use_bn=self.use_bn, nonlinearity=self.nonlinearity, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+            bn_epsilon=self.bn_epsilon, bn_axis_name=self.bn_axis_name,
+            bn_virtual_batch_size=self.bn_virtual_batch_size, dtype=self.dtype,
         )
         x = x.astype(self.dtype) if self.dtype else x
         x = inception_stem(x, train, self.width, kw, self.use_lrn, separable_multiplier=8 if self.separable_stem else 0)

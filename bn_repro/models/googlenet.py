@@ -103,13 +103,16 @@ class GoogLeNet(nn.Module):
     width: float = 1.0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    bn_axis_name: str | None = None
+    bn_virtual_batch_size: int | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
         kw = dict(
             use_bn=self.use_bn, nonlinearity=self.nonlinearity, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, dtype=self.dtype,
+            bn_epsilon=self.bn_epsilon, bn_axis_name=self.bn_axis_name,
+            bn_virtual_batch_size=self.bn_virtual_batch_size, dtype=self.dtype,
         )
         x = x.astype(self.dtype) if self.dtype else x
         x = inception_stem(x, train, self.width, kw, self.use_lrn)

@@ -29,7 +29,7 @@ class ConvUnit(nn.Module):
       separable_multiplier: if > 0, a depthwise convolution with this depth
         multiplier followed by a 1x1 pointwise one (Figure 5's first layer,
         per the paper's footnote); BN and the nonlinearity follow the pointwise.
-      bn_momentum, bn_epsilon: see BatchNorm.
+      bn_momentum, bn_epsilon, bn_axis_name, bn_virtual_batch_size: see BatchNorm.
       dtype: computation dtype (parameters and BN statistics stay float32).
     """
 
@@ -41,6 +41,8 @@ class ConvUnit(nn.Module):
     separable_multiplier: int = 0
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-3
+    bn_axis_name: str | None = None
+    bn_virtual_batch_size: int | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -58,9 +60,10 @@ class ConvUnit(nn.Module):
             dtype=self.dtype, name="conv",
         )(x)
         if self.use_bn:
-            x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype, name="bn")(
-                x, use_running_average=not train
-            )
+            x = BatchNorm(
+                momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name,
+                virtual_batch_size=self.bn_virtual_batch_size, name="bn",
+            )(x, use_running_average=not train)
         return NONLINEARITIES[self.nonlinearity](x)
 
 
