@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,6 +23,14 @@ from bn_repro import train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics, checkpoints and summary.")
 flags.mark_flags_as_required(["config", "workdir"])
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False,
+    "Initialise jax.distributed for a run over several processes (hosts); without --coordinator_address "
+    "the cluster is auto-detected (TPU pods, SLURM, ...).",
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --multihost).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 CONFIG_PREFIX = "--config."
 
@@ -78,6 +87,9 @@ def main(argv: list[str]) -> None:
     logging.get_absl_logger().addFilter(
         lambda record: record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
     )
+    if _MULTIHOST.value or _COORDINATOR.value:
+        # Before any other JAX call. On CPU, JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo.
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     command = shlex.join(["python", "-m", "bn_repro.main", *sys.argv[1:]])
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, command=command)
 

@@ -37,13 +37,16 @@ def append_metrics(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_metrics(path: str, last_step: int) -> list[dict]:
+def truncate_metrics(path: str, last_step: int, write: bool = True) -> list[dict]:
     """Keeps the records up to ``last_step`` (resuming from that checkpoint) and returns them.
 
     The file is replaced atomically, so an interruption here loses nothing.
+    With ``write=False`` (a process that does not write the run's files) the
+    file is left alone.
     """
     kept = [r for r in read_metrics(path) if r["step"] <= last_step and not r.get(AFTER_TRAINING)]
-    write_json_lines(path, kept)
+    if write:
+        write_json_lines(path, kept)
     return kept
 
 

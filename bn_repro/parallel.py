@@ -35,6 +35,18 @@ LOOPS = ("jit", "pmap")
 STATISTICS = ("global", "per_device", "virtual")
 
 
+def with_global_batch(config: ml_collections.ConfigDict, device_count: int) -> ml_collections.ConfigDict:
+    """``config`` with ``batch_size`` = ``per_device_batch_size`` x devices when
+    ``per_device_batch_size`` is set (> 0); otherwise ``config`` itself
+    (``batch_size`` is then the global batch, whatever the device count)."""
+    per_device = config.get("per_device_batch_size", 0)
+    if not per_device:
+        return config
+    config = config.copy_and_resolve_references()
+    config.batch_size = per_device * device_count
+    return config
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Raises ValueError naming the field when the batch cannot be split as asked."""
     if config.parallel not in LOOPS:
@@ -45,6 +57,13 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
         raise ValueError(
             f"config.batch_size ({config.batch_size}) must be a multiple of the {device_count} devices "
             "(the global batch is split evenly)"
+        )
+    if jax.process_count() > 1 and config.parallel != "jit":
+        raise ValueError("config.parallel must be 'jit' with several processes (the pmap loop runs on one host)")
+    if jax.process_count() > 1 and config.get("eval_batch_size", device_count) % device_count:
+        raise ValueError(
+            f"config.eval_batch_size ({config.eval_batch_size}) must be a multiple of the {device_count} devices "
+            "with several processes (each evaluates its share of every batch)"
         )
     if config.bn.statistics == "virtual":
         v, per_device = config.bn.virtual_batch_size, config.batch_size // device_count
@@ -87,7 +106,10 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def replicate_on_mesh(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, replicated(mesh))
+    """One global array per leaf, replicated on every device of ``mesh``; every
+    process must pass the same values (they are copied from this host, not across hosts)."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), tree)
 
 
 def replicate_for_pmap(tree: Any) -> Any:

@@ -597,10 +597,13 @@ def mnist_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, pop
             f"config.batch_size ({config.batch_size}) is larger than the training set "
             f"({len(data['train_labels'])} examples)"
         )
-    train_images = jnp.asarray(data["train_images"])
-    train_labels = jnp.asarray(data["train_labels"])
-    test_images = jnp.asarray(data["test_images"])
-    test_labels = jnp.asarray(data["test_labels"])
+    arrays = {k: data[k] for k in ("train_images", "train_labels", "test_images", "test_labels")}
+    if config.parallel == "jit" and jax.device_count() > 1:  # one replicated global array each
+        arrays = parallel.replicate_on_mesh(arrays, parallel.data_mesh())
+    else:
+        arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    test_images, test_labels = arrays["test_images"], arrays["test_labels"]
 
     pmap = config.parallel == "pmap"
     if config.data.on_device:
@@ -688,11 +691,16 @@ def imagenet_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, 
 
     eval_step = make_classification_eval_step(config)
 
+    mesh = parallel.data_mesh() if config.parallel == "jit" and jax.device_count() > 1 else None
+    shard = mesh is not None and config.eval_batch_size % jax.device_count() == 0
+
     def evaluate(state):
         batches = imagenet_data.eval_batches(
             eval_source, global_batch_size=config.eval_batch_size, image_size=d.image_size,
             crop_fraction=d.crop_fraction, num_workers=d.num_workers, **process,
         )
+        if shard:  # each process's share of every global evaluation batch
+            batches = (parallel.shard_batch(batch, mesh) for batch in batches)
         return evaluate_classification(eval_step, state, batches)
 
     return Experiment(
@@ -710,6 +718,16 @@ def imagenet_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, 
     )
 
 
+def _is_primary() -> bool:
+    """Whether this process writes the run's files (with several processes, only process 0)."""
+    return jax.process_index() == 0
+
+
+def _record(metrics_path: str, record: dict) -> None:
+    if _is_primary():
+        metrics_lib.append_metrics(metrics_path, record)
+
+
 def _with_population_statistics(
     state: TrainState, experiment: Experiment, config: ml_collections.ConfigDict, summary: dict,
     metrics_path: str, step: int,
@@ -722,7 +740,7 @@ def _with_population_statistics(
     for key in experiment.accuracy_keys:
         summary[f"final_{key}_population_stats"] = final[key]
     summary["population_batches"] = config.bn.population_batches
-    metrics_lib.append_metrics(
+    _record(
         metrics_path,
         {"step": step, metrics_lib.AFTER_TRAINING: True,
          **{f"{key}_population_stats": final[key] for key in experiment.population_keys}},
@@ -771,14 +789,16 @@ def train_and_evaluate(
     ends the run cleanly, recorded as diverged (Sec. 4.2.2 reports divergence
     as a result).
     """
+    config = parallel.with_global_batch(config, jax.device_count())
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     check_same_config(config_path, config)
-    metrics_lib.write_json(config_path, config.to_dict())
-    # Where and with what this run (or this resumption of it) runs, from its start.
-    metrics_lib.write_json(os.path.join(workdir, "environment.json"), metrics_lib.environment_info(command))
+    if _is_primary():
+        metrics_lib.write_json(config_path, config.to_dict())
+        # Where and with what this run (or this resumption of it) runs, from its start.
+        metrics_lib.write_json(os.path.join(workdir, "environment.json"), metrics_lib.environment_info(command))
 
     init_rng, data_rng, population_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     setup = mnist_experiment if config.experiment == "mnist" else imagenet_experiment
@@ -791,7 +811,7 @@ def train_and_evaluate(
     if step:
         logging.info("Resuming from the checkpoint at step %d in %s", step, workdir)
     state = place_state(state, config)
-    kept = metrics_lib.truncate_metrics(metrics_path, step)
+    kept = metrics_lib.truncate_metrics(metrics_path, step, write=_is_primary())
     wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
 
     accuracy_key = experiment.accuracy_keys[0]
@@ -808,7 +828,7 @@ def train_and_evaluate(
             bad = num_steps - 1
         if bad is not None:
             diverged_at = step + bad + 1
-            metrics_lib.append_metrics(metrics_path, {"step": diverged_at, "diverged": True})
+            _record(metrics_path, {"step": diverged_at, "diverged": True})
             logging.error("Training diverged: non-finite loss or parameters at step %d", diverged_at)
             break
         step += num_steps
@@ -817,7 +837,7 @@ def train_and_evaluate(
         record.update(experiment.evaluate(single_program_state(state, config)))
         record["steps_per_sec"] = steps_per_sec
         record["wall_time_s"] = wall_time_before + time.perf_counter() - start
-        metrics_lib.append_metrics(metrics_path, record)
+        _record(metrics_path, record)
         logging.info(
             "[%s] step %d/%d  %.1f steps/s  train_loss %.4f  %s %.4f",
             config.variant, step, config.num_steps, steps_per_sec, record["train_loss"],
@@ -849,6 +869,7 @@ def train_and_evaluate(
     summary["images_per_sec_median"] = summary["steps_per_sec_median"] * config.batch_size if rates else None
     summary["precision"] = config.model.get("dtype", "float32")
     summary["environment"] = metrics_lib.environment_info(command)
-    metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+    if _is_primary():
+        metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
     manager.close()
     return summary

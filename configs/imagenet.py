@@ -112,6 +112,9 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     config.batch_size = 32  # [paper] per step: the global batch, split over the devices.
     # 'jit' (the batch sharded over every device) or 'pmap' (one copy per device).
     config.parallel = "jit"
+    # If > 0, the global batch is this many examples per device times the
+    # device count (batch_size is then set from it); 0: batch_size as given.
+    config.per_device_batch_size = 0
     # 'none', or 'linear': the learning rate times batch_size / lr_reference_batch_size
     # (for a global batch grown with the device count).
     config.lr_scaling = "none"

@@ -233,3 +233,13 @@ def test_linear_learning_rate_scaling_with_the_global_batch():
 def test_parallel_fields_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         train.validate_config(load_config(f"{IMAGENET}:bn_x30", overrides))
+
+
+def test_per_device_batch_size_sets_the_global_batch():
+    from bn_repro import parallel
+
+    config = load_config(f"{IMAGENET}:bn_x30", ["--config.per_device_batch_size=32"])
+    assert parallel.with_global_batch(config, 8).batch_size == 256
+    assert parallel.with_global_batch(config, 1).batch_size == 32
+    plain = load_config(f"{IMAGENET}:bn_x30")
+    assert parallel.with_global_batch(plain, 8).batch_size == 32  # batch_size is the global batch
