@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bn_repro.models.layers import ConvUnit, inception_stem, max_pool, scaled
+from bn_repro.models.layers import ConvUnit, conv_options, inception_stem, max_pool, scaled
 
 
 class GoogLeNetModuleSpec(NamedTuple):
@@ -109,11 +109,7 @@ class GoogLeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
-        kw = dict(
-            use_bn=self.use_bn, nonlinearity=self.nonlinearity, bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon, bn_axis_name=self.bn_axis_name,
-            bn_virtual_batch_size=self.bn_virtual_batch_size, dtype=self.dtype,
-        )
+        kw = conv_options(self)
         x = x.astype(self.dtype) if self.dtype else x
         x = inception_stem(x, train, self.width, kw, self.use_lrn)
         aux = []

@@ -67,6 +67,15 @@ class ConvUnit(nn.Module):
         return NONLINEARITIES[self.nonlinearity](x)
 
 
+# The ConvUnit fields a whole network sets once for all its convolutions.
+CONV_OPTIONS = ("use_bn", "nonlinearity", "bn_momentum", "bn_epsilon", "bn_axis_name", "bn_virtual_batch_size", "dtype")
+
+
+def conv_options(network: nn.Module) -> dict:
+    """``network``'s values of :data:`CONV_OPTIONS`, as keyword arguments for its ConvUnits."""
+    return {name: getattr(network, name) for name in CONV_OPTIONS}
+
+
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     """Max pooling with 'SAME' padding, as the maximum of shifted strided slices.
 
