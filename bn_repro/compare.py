@@ -176,24 +176,13 @@ def curve_differences(reference: Run, run: Run, tolerance: float = 1e-6) -> dict
     }
 
 
-def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}.{key}"))
-        else:
-            flat[f"{prefix}.{key}"] = value
-    return flat
-
-
 def config_differences(reference: Run, run: Run, ignore: Sequence[str] = RUN_ONLY_FIELDS) -> dict[str, tuple]:
     """``{dotted field: (reference's value, run's value)}`` for the config fields that differ
     (a field only one has: ``None`` for the other), except ``ignore`` and their sub-fields."""
-    a, b = _flatten(reference.config, "config"), _flatten(run.config, "config")
     return {
-        field: (a.get(field), b.get(field))
-        for field in sorted(set(a) | set(b))
-        if a.get(field) != b.get(field) and not any(field == f or field.startswith(f + ".") for f in ignore)
+        field: values
+        for field, values in metrics_lib.config_differences(reference.config, run.config).items()
+        if not any(field == f or field.startswith(f + ".") for f in ignore)
     }
 
 

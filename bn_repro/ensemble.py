@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,9 +29,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bn_repro import checkpoints, imagenet_data, metrics, train
-from bn_repro import imagenet_preprocessing as prep
 
-CROPS = (1, 144)
+CROPS = imagenet_data.EVAL_CROPS
 # What members of an ensemble must agree on (crop_fraction only for the central crop).
 SHARED_FIELDS = ("data.image_size", "model.num_classes")
 
@@ -87,34 +86,6 @@ def crop_probabilities(model: nn.Module, variables: Any, images: jax.Array) -> j
     return probabilities.reshape((batch, crops, -1)).mean(axis=1)
 
 
-class _MulticropExample:
-    """Index -> {'image': (144, S, S, 3), 'label', 'mask'}; -1 (padding) -> masked zeros."""
-
-    def __init__(self, source, image_size: int):
-        self.source, self.size = source, image_size
-
-    def __call__(self, index: int) -> dict[str, np.ndarray]:
-        if index < 0:
-            return {"image": np.zeros((144, self.size, self.size, 3), np.float32), "label": np.int32(0),
-                    "mask": np.float32(0)}
-        example = self.source[index]
-        images = prep.multicrop_images(imagenet_data._as_rgb(example["image"]), self.size)
-        return {"image": images, "label": np.int32(example["label"]), "mask": np.float32(1)}
-
-
-def crop_batches(source, *, crops: int, image_size: int, crop_fraction: float, batch_size: int,
-                 num_workers: int) -> Iterator[dict]:
-    """Every example of ``source`` once, in order, ``batch_size`` examples a batch
-    (the last padded, mask 0): the central crop exactly as training evaluates
-    (``imagenet_data.eval_batches``), or (crops=144) GoogLeNet's 144 crops."""
-    if crops == 1:
-        return imagenet_data.eval_batches(source, global_batch_size=batch_size, image_size=image_size,
-                                          crop_fraction=crop_fraction, num_workers=num_workers)
-    n = len(source)
-    schedule = imagenet_data._EvalSchedule(0, n, imagenet_data.num_eval_batches(n, batch_size) * batch_size)
-    return imagenet_data._iterate(schedule, _MulticropExample(source, image_size), batch_size, num_workers)
-
-
 def _check_crops(crops: int) -> None:
     if crops not in CROPS:
         raise ValueError(f"crops must be one of {CROPS}, got {crops}")
@@ -150,9 +121,9 @@ def probabilities(runs: Sequence[str | Run], *, crops: int = 144, data_dir: str 
     check_compatible(runs, crops)
     config = runs[0].config
     source = imagenet_data.open_split(split, data_dir or config.data.data_dir)
-    batches = crop_batches(
+    batches = imagenet_data.eval_batches(
         source, crops=crops, image_size=config.data.image_size, crop_fraction=config.data.crop_fraction,
-        batch_size=batch_size or max(1, config.eval_batch_size // crops),
+        global_batch_size=batch_size or max(1, config.eval_batch_size // crops),
         num_workers=config.data.num_workers if num_workers is None else num_workers,
     )
     probs, labels = [], []

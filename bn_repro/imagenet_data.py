@@ -256,31 +256,44 @@ class _EvalSchedule(Sequence):
 
 
 class _EvalExample:
-    """Index -> {'image', 'label', 'mask'}: the paper's single central crop; -1 -> masked zeros."""
+    """Index -> {'image', 'label', 'mask'}: the paper's single central crop, or
+    GoogLeNet's 144 crops stacked (crops=144); -1 (padding) -> masked zeros."""
 
-    def __init__(self, source, image_size: int, crop_fraction: float):
-        self.source, self.size, self.crop_fraction = source, image_size, crop_fraction
+    def __init__(self, source, image_size: int, crop_fraction: float, crops: int):
+        self.source, self.size, self.crop_fraction, self.crops = source, image_size, crop_fraction, crops
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         if index < 0:
-            image, label = np.zeros((self.size, self.size, 3), np.float32), 0
+            shape = (self.size, self.size, 3) if self.crops == 1 else (self.crops, self.size, self.size, 3)
+            image, label = np.zeros(shape, np.float32), 0
         else:
             example = self.source[index]
-            image = prep.eval_image(_as_rgb(example["image"]), self.size, self.crop_fraction)
+            rgb = _as_rgb(example["image"])
+            if self.crops == 1:
+                image = prep.eval_image(rgb, self.size, self.crop_fraction)
+            else:
+                image = prep.multicrop_images(rgb, self.size)
             label = example["label"]
         return {"image": image, "label": np.int32(label), "mask": np.float32(index >= 0)}
 
 
+EVAL_CROPS = (1, 144)
+
+
 def eval_batches(source, *, global_batch_size: int, image_size: int, crop_fraction: float, num_workers: int,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1, crops: int = 1) -> Iterator[dict]:
     """Every example once across processes: process i reads [i*n//P, (i+1)*n//P).
 
     Each process yields `num_eval_batches` batches {'image', 'label', 'mask'}
     of b = global_batch_size // process_count; padding has zero images and mask 0.
+    `crops=1`: the central crop (b, S, S, 3); `crops=144`: GoogLeNet's crops of
+    each image (b, 144, S, S, 3), for Sec. 4.2.3's multi-crop evaluation.
     """
+    if crops not in EVAL_CROPS:
+        raise ValueError(f"crops must be one of {EVAL_CROPS}, got {crops}")
     n = len(source)
     b = _per_process(global_batch_size, process_count)
     length = num_eval_batches(n, global_batch_size, process_count) * b
     start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
     schedule = _EvalSchedule(start, stop, length)
-    return _iterate(schedule, _EvalExample(source, image_size, crop_fraction), b, num_workers)
+    return _iterate(schedule, _EvalExample(source, image_size, crop_fraction, crops), b, num_workers)

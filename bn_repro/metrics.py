@@ -105,6 +105,24 @@ def final_and_best(records: Sequence[dict], key: str) -> dict:
     return {f"final_{key}": values[-1], f"best_{key}": max(values)} if values else {}
 
 
+def flatten_config(config: dict, prefix: str = "config") -> dict:
+    """A config (as in config.json) as ``{"config.a.b": value}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}.{key}"))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat
+
+
+def config_differences(a: dict, b: dict) -> dict[str, tuple]:
+    """``{dotted field: (a's value, b's value)}`` for the fields of two configs
+    (as in config.json) that differ; a field only one has gets None for the other."""
+    fa, fb = flatten_config(a), flatten_config(b)
+    return {f: (fa.get(f), fb.get(f)) for f in sorted(set(fa) | set(fb)) if fa.get(f) != fb.get(f)}
+
+
 def first_non_finite(values: Sequence[float]) -> int | None:
     """Index of the first NaN or infinite value, or None."""
     return next((i for i, v in enumerate(values) if not math.isfinite(v)), None)

@@ -341,16 +341,16 @@ def make_streamed_step(config: ml_collections.ConfigDict) -> Callable:
     else:
         device_preprocess = lambda images: images  # noqa: E731
 
+    pmap = config.parallel == "pmap"
+
     def step(state, batch, rng):
         batch = {"image": device_preprocess(batch["image"]), "label": batch["label"]}
-        if config.parallel == "pmap":  # Each device its own dropout masks.
+        if pmap:  # Each device its own dropout masks.
             rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
-            state, step_metrics = train_step(state, batch, rng, axis_name=parallel.DATA_AXIS)
-        else:
-            state, step_metrics = train_step(state, batch, rng)
+        state, step_metrics = train_step(state, batch, rng, axis_name=parallel.DATA_AXIS if pmap else None)
         return state, step_metrics["loss"]
 
-    if config.parallel == "pmap":
+    if pmap:
         pmapped = jax.pmap(step, parallel.DATA_AXIS, in_axes=(0, 0, None), donate_argnums=0)
 
         def pmap_step(state, batch, rng):
@@ -479,7 +479,7 @@ def check_same_config(config_path: str, config: ml_collections.ConfigDict) -> No
     with open(config_path) as f:
         previous = json.load(f)
     current = json.loads(json.dumps(config.to_dict()))  # tuples -> lists, as stored
-    changed = sorted(_diff_fields(previous, current))
+    changed = metrics_lib.config_differences(previous, current)
     if changed:
         raise ValueError(
             f"{config_path} was written by a run with a different config (fields: {', '.join(changed)}); "
@@ -487,48 +487,32 @@ def check_same_config(config_path: str, config: ml_collections.ConfigDict) -> No
         )
 
 
-def _diff_fields(a: dict, b: dict, prefix: str = "config") -> list[str]:
-    fields = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            fields += _diff_fields(x, y, f"{prefix}.{key}")
-        elif x != y:
-            fields.append(f"{prefix}.{key}")
-    return fields
-
-
-def make_classification_eval_step(config: ml_collections.ConfigDict) -> Callable:
-    """``eval_step(state, batch)`` -> sums over the batch's real examples
-    (``batch["mask"]`` 1) of top-1 and top-5 hits and of the loss, and their count.
+@jax.jit
+def classification_eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums over the batch's real examples (``batch["mask"]`` 1) of top-1 and
+    top-5 hits and of the loss, and their count.
 
     Inference mode: BN normalises with ``state.batch_stats`` (moving
     averages, or Algorithm 2's population statistics once substituted).
     """
-    del config
-
-    @jax.jit
-    def eval_step(state, batch):
-        outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
-        labels, mask = batch["label"], batch["mask"]
-        top5 = jax.lax.top_k(logits, 5)[1]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {
-            "top1": jnp.sum((top5[:, 0] == labels) * mask),
-            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=1) * mask),
-            "loss": jnp.sum(losses * mask),
-            "count": jnp.sum(mask),
-        }
-
-    return eval_step
+    outputs = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
+    labels, mask = batch["label"], batch["mask"]
+    top5 = jax.lax.top_k(logits, 5)[1]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "top1": jnp.sum((top5[:, 0] == labels) * mask),
+        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=1) * mask),
+        "loss": jnp.sum(losses * mask),
+        "count": jnp.sum(mask),
+    }
 
 
-def evaluate_classification(eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict:
+def evaluate_classification(state: TrainState, batches: Iterable[dict]) -> dict:
     """Top-1, top-5 and mean loss over every real example of ``batches``."""
     totals = None
     for batch in batches:
-        sums = eval_step(state, batch)
+        sums = classification_eval_step(state, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     count = totals["count"]
@@ -689,7 +673,6 @@ def imagenet_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, 
         next_step = step + num_steps
         return state, jnp.stack(losses)
 
-    eval_step = make_classification_eval_step(config)
 
     mesh = parallel.data_mesh() if config.parallel == "jit" and jax.device_count() > 1 else None
     shard = mesh is not None and config.eval_batch_size % jax.device_count() == 0
@@ -701,7 +684,7 @@ def imagenet_experiment(config: ml_collections.ConfigDict, data_rng: jax.Array, 
         )
         if shard:  # each process's share of every global evaluation batch
             batches = (parallel.shard_batch(batch, mesh) for batch in batches)
-        return evaluate_classification(eval_step, state, batches)
+        return evaluate_classification(state, batches)
 
     return Experiment(
         input_shape=(d.image_size, d.image_size, 3),

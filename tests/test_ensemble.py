@@ -121,8 +121,8 @@ def test_144_crops_count_every_example_once(runs):
     np.testing.assert_allclose(multi.sum(axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(multi, central, rtol=1e-3)
     # Example 5 alone equals its row: the mean of its 144 crops' softmax.
-    crops = ensemble.crop_batches(source, crops=144, image_size=32, crop_fraction=0.875, batch_size=NUM_EXAMPLES,
-                                  num_workers=0)
+    crops = imagenet_data.eval_batches(source, crops=144, image_size=32, crop_fraction=0.875,
+                                       global_batch_size=NUM_EXAMPLES, num_workers=0)
     batch = next(iter(crops))
     assert batch["image"].shape == (NUM_EXAMPLES, 144, 32, 32, 3) and batch["mask"].all()
     row = ensemble.crop_probabilities(runs["a"].model, runs["a"].variables, batch["image"][5:6])
