@@ -12,6 +12,7 @@ mini-batches: E[x] = mean of mu_B, Var[x] = m/(m-1) * mean of var_B
 (:func:`population_statistics`).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -108,10 +109,7 @@ class BatchNorm(nn.Module):
         if self.virtual_batch_size:
             v = self.virtual_batch_size
             if x.shape[0] % v:
-                raise ValueError(
-                    f"a batch of {x.shape[0]} examples cannot be cut into virtual batches of {v} "
-                    "(config.bn.virtual_batch_size must divide every training batch)"
-                )
+                raise ValueError(f"a batch of {x.shape[0]} examples cannot be cut into virtual batches of {v}")
             groups = x.reshape((x.shape[0] // v, v) + x.shape[1:])
             group_mean, group_var = batch_moments(groups, tuple(range(1, groups.ndim - 1)), self.use_fast_variance)
             stat_shape = (groups.shape[0],) + (1,) * (groups.ndim - 2) + (features,)
@@ -139,6 +137,12 @@ class BatchNorm(nn.Module):
         scale = gamma * jax.lax.rsqrt(var + self.epsilon)
         y = (x.astype(scale.dtype) - mean) * scale + beta
         return y.astype(self.dtype or x.dtype)
+
+
+# What the models take as their normalisation layer: ``BatchNorm`` itself, or
+# ``functools.partial(BatchNorm, momentum=..., epsilon=..., ...)`` built once
+# per run from ``config.bn`` (``train.create_norm``); None in a model = no BN.
+Norm = Callable[..., BatchNorm]
 
 
 def population_statistics(moments: Any) -> Any:

@@ -25,12 +25,14 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from bn_repro import metrics as metrics_lib
+from bn_repro import classification_experiment, mnist_experiment, run_records
 
-# The accuracy a run is judged by, and the default target: Figure 3's
-# "steps to match Inception" (72.2% top-1) for ImageNet.
-ACCURACY_KEYS = {"mnist": "test_accuracy", "imagenet": "val_top1"}
-DEFAULT_TARGETS = {"mnist": 0.97, "imagenet": 0.722}
+# The accuracy a run is judged by, per experiment family; the default target
+# is the run's ``config.target_accuracy``.
+ACCURACY_KEYS = {
+    "mnist": mnist_experiment.ACCURACY_KEYS[0],
+    "classification": classification_experiment.ACCURACY_KEYS[0],
+}
 # Config fields (and their sub-fields) that say where or how a run ran, not
 # what it computes: a difference in them is not reported.
 RUN_ONLY_FIELDS = (
@@ -56,7 +58,9 @@ class RunDirError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class RunRecord:
+    """A run directory's files, read."""
+
     path: str
     config: dict
     records: list[dict]
@@ -78,11 +82,11 @@ class Run:
     def evaluations(self) -> dict[int, dict]:
         """The evaluation records during training, by step (not Algorithm 2's final one)."""
         return {
-            r["step"]: r for r in self.records if self.accuracy_key in r and not r.get(metrics_lib.AFTER_TRAINING)
+            r["step"]: r for r in self.records if self.accuracy_key in r and not r.get(run_records.AFTER_TRAINING)
         }
 
 
-def load_run(path: str) -> Run:
+def load_run_record(path: str) -> RunRecord:
     """Reads a run directory; RunDirError naming it if config.json or metrics.jsonl is missing or bad."""
     files = {name: os.path.join(path, name) for name in ("config.json", "metrics.jsonl", "summary.json")}
     if not os.path.isdir(path):
@@ -93,7 +97,7 @@ def load_run(path: str) -> Run:
     try:
         with open(files["config.json"]) as f:
             config = json.load(f)
-        records = metrics_lib.read_metrics(files["metrics.jsonl"])
+        records = run_records.read_metrics(files["metrics.jsonl"])
         summary, started = None, None
         if os.path.isfile(files["summary.json"]):
             with open(files["summary.json"]) as f:
@@ -105,12 +109,14 @@ def load_run(path: str) -> Run:
         raise RunDirError(f"{path}: unreadable JSON ({error})") from error
     if config.get("experiment") not in ACCURACY_KEYS:
         raise RunDirError(f"{path}/config.json: unknown experiment {config.get('experiment')!r}")
-    return Run(path, config, records, summary, started)
+    if not isinstance(config.get("target_accuracy"), (int, float)):
+        raise RunDirError(f"{path}/config.json: no config.target_accuracy (written by an older version?)")
+    return RunRecord(path, config, records, summary, started)
 
 
-def run_row(run: Run, target: float | None = None) -> dict[str, Any]:
+def run_row(run: RunRecord, target: float | None = None) -> dict[str, Any]:
     """The run's line of the runs table (raw values, None where unknown); keys :data:`CSV_FIELDS`."""
-    target = DEFAULT_TARGETS[run.config["experiment"]] if target is None else target
+    target = run.config["target_accuracy"] if target is None else target
     key, summary, env = run.accuracy_key, run.summary or {}, run.environment
     curve = [(s, r[key], r.get("wall_time_s")) for s, r in sorted(run.evaluations().items())]
     reached = next(((s, t) for s, a, t in curve if a >= target), (None, None))
@@ -150,7 +156,7 @@ def _abs_diff(a: float, b: float) -> float:
     return abs(a - b) if math.isfinite(a - b) else math.inf
 
 
-def curve_differences(reference: Run, run: Run, tolerance: float = 1e-6) -> dict[str, Any]:
+def curve_differences(reference: RunRecord, run: RunRecord, tolerance: float = 1e-6) -> dict[str, Any]:
     """Accuracy and train-loss differences of ``run`` from ``reference`` over the steps both evaluated.
 
     ``first_step_over_tolerance``: the first such step where either differs by
@@ -176,17 +182,17 @@ def curve_differences(reference: Run, run: Run, tolerance: float = 1e-6) -> dict
     }
 
 
-def config_differences(reference: Run, run: Run, ignore: Sequence[str] = RUN_ONLY_FIELDS) -> dict[str, tuple]:
+def config_changes(reference: RunRecord, run: RunRecord, ignore: Sequence[str] = RUN_ONLY_FIELDS) -> dict[str, tuple]:
     """``{dotted field: (reference's value, run's value)}`` for the config fields that differ
     (a field only one has: ``None`` for the other), except ``ignore`` and their sub-fields."""
     return {
         field: values
-        for field, values in metrics_lib.config_differences(reference.config, run.config).items()
+        for field, values in run_records.config_differences(reference.config, run.config).items()
         if not any(field == f or field.startswith(f + ".") for f in ignore)
     }
 
 
-def bn_batch(run: Run) -> int | None:
+def bn_batch(run: RunRecord) -> int | None:
     """How many examples each BN layer normalises over in training (``config.bn.statistics``:
     the global batch, each device's share, or virtual batches); None if unknown or no BN."""
     config, devices = run.config, run.environment.get("device_count")
@@ -199,7 +205,7 @@ def bn_batch(run: Run) -> int | None:
     return bn.get("virtual_batch_size") if statistics == "virtual" else batch
 
 
-def environment_differences(reference: Run, run: Run) -> dict[str, tuple]:
+def environment_differences(reference: RunRecord, run: RunRecord) -> dict[str, tuple]:
     """``{"environment.X": (reference's, run's)}`` for the code and library versions
     (:data:`ENVIRONMENT_FIELDS`) that differ, and ``"BN batch"`` if BN normalises over
     batches of another size (e.g. ``bn.statistics='per_device'`` on another device
@@ -214,24 +220,24 @@ def environment_differences(reference: Run, run: Run) -> dict[str, tuple]:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    runs: list[Run]
+    runs: list[RunRecord]
     rows: list[dict]  # run_row of each run
     curves: list[dict]  # curve_differences of runs[1:] against runs[0]
-    configs: list[dict]  # config_differences | environment_differences of runs[1:]
+    configs: list[dict]  # config_changes | environment_differences of runs[1:]
     tolerance: float
 
 
 def compare(paths: Sequence[str], target: float | None = None, tolerance: float = 1e-6) -> Comparison:
-    """Loads the runs and computes the three tables (``target`` None: each experiment's default)."""
+    """Loads the runs and computes the three tables (``target`` None: each run's ``config.target_accuracy``)."""
     if not paths:
         raise ValueError("no run directories to compare")
-    runs = [load_run(p) for p in paths]
+    runs = [load_run_record(p) for p in paths]
     ref, others = runs[0], runs[1:]
     return Comparison(
         runs=runs,
         rows=[run_row(r, target) for r in runs],
         curves=[curve_differences(ref, r, tolerance) for r in others if r.accuracy_key == ref.accuracy_key],
-        configs=[config_differences(ref, r) | environment_differences(ref, r) for r in others],
+        configs=[config_changes(ref, r) | environment_differences(ref, r) for r in others],
         tolerance=tolerance,
     )
 

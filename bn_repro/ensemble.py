@@ -28,15 +28,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bn_repro import checkpoints, imagenet_data, metrics, train
+from bn_repro import checkpoints, classification_experiment, image_data, parallel, run_records, train
 
-CROPS = imagenet_data.EVAL_CROPS
 # What members of an ensemble must agree on (crop_fraction only for the central crop).
 SHARED_FIELDS = ("data.image_size", "model.num_classes")
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class TrainedModel:
     """One trained network: its config, model and variables ``{"params", "batch_stats"}``."""
 
     workdir: str
@@ -46,21 +45,22 @@ class Run:
     variables: Any
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
+def load_trained_model(workdir: str, step: int | None = None) -> TrainedModel:
     """The final model of the run in ``workdir``, or its training checkpoint at ``step``."""
     config_path = os.path.join(workdir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{workdir} holds no run: {config_path} does not exist")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    if config.experiment != "imagenet":
-        raise ValueError(f"{workdir} is a {config.experiment!r} run; multi-crop evaluation is for ImageNet runs")
-    model = train.create_model(config)
+    if config.experiment != "classification":
+        raise ValueError(f"{workdir} is a {config.experiment!r} run; multi-crop evaluation is for classification runs")
+    # Inference only: BN normalises with its stored statistics, wherever they came from.
+    model = classification_experiment.create_model(config, train.create_norm(config, parallel.BNPlacement(None, None)))
     shape = (config.data.image_size, config.data.image_size, 3)
     if step is None:
         abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
         target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
-        return Run(workdir, None, config, model, jax.device_put(checkpoints.load_final_model(workdir, target)))
+        return TrainedModel(workdir, None, config, model, jax.device_put(checkpoints.load_final_model(workdir, target)))
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"{workdir} has no checkpoint at step {step} (no checkpoints/ directory)")
     abstract = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), config, model, shape, 1))
@@ -70,7 +70,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
                 f"{workdir} has no checkpoint at step {step} (its checkpoints: {sorted(manager.all_steps())})"
             )
         state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return Run(workdir, step, config, model, jax.device_put({"params": state.params, "batch_stats": state.batch_stats}))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return TrainedModel(workdir, step, config, model, jax.device_put(variables))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -87,15 +88,15 @@ def crop_probabilities(model: nn.Module, variables: Any, images: jax.Array) -> j
 
 
 def _check_crops(crops: int) -> None:
-    if crops not in CROPS:
-        raise ValueError(f"crops must be one of {CROPS}, got {crops}")
+    if crops not in image_data.EVAL_CROPS:
+        raise ValueError(f"crops must be one of {image_data.EVAL_CROPS}, got {crops}")
 
 
-def _as_runs(runs: Sequence[str | Run]) -> list[Run]:
-    return [run if isinstance(run, Run) else load_run(run) for run in runs]
+def _as_runs(runs: Sequence[str | TrainedModel]) -> list[TrainedModel]:
+    return [run if isinstance(run, TrainedModel) else load_trained_model(run) for run in runs]
 
 
-def check_compatible(runs: Sequence[Run], crops: int) -> None:
+def check_compatible(runs: Sequence[TrainedModel], crops: int) -> None:
     """Raises ValueError naming the field if the runs cannot be evaluated on the same crops."""
     fields = SHARED_FIELDS + (("data.crop_fraction",) if crops == 1 else ())
     for name in fields:
@@ -104,13 +105,13 @@ def check_compatible(runs: Sequence[Run], crops: int) -> None:
             raise ValueError(f"The runs disagree on config.{name}: {values}")
 
 
-def probabilities(runs: Sequence[str | Run], *, crops: int = 144, data_dir: str | None = None,
+def probabilities(runs: Sequence[str | TrainedModel], *, crops: int = 144, data_dir: str | None = None,
                   split: str = "validation", num_workers: int | None = None,
                   batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (n, classes), labels (n,)) over every example of ``split``:
     the mean over ``runs`` of each run's crop-averaged class probabilities.
 
-    Runs are workdirs (their final models) or loaded ``Run``s. Defaults come
+    Runs are workdirs (their final models) or loaded ``TrainedModel``s. Defaults come
     from the first run's config: its data dir and workers, and ``batch_size``
     (examples a batch) ``eval_batch_size // crops`` (at least 1).
     """
@@ -120,8 +121,8 @@ def probabilities(runs: Sequence[str | Run], *, crops: int = 144, data_dir: str 
         raise ValueError("No runs to evaluate")
     check_compatible(runs, crops)
     config = runs[0].config
-    source = imagenet_data.open_split(split, data_dir or config.data.data_dir)
-    batches = imagenet_data.eval_batches(
+    source = classification_experiment.open_split(config.data.dataset, split, data_dir or config.data.data_dir)
+    batches = image_data.eval_batches(
         source, crops=crops, image_size=config.data.image_size, crop_fraction=config.data.crop_fraction,
         global_batch_size=batch_size or max(1, config.eval_batch_size // crops),
         num_workers=config.data.num_workers if num_workers is None else num_workers,
@@ -146,7 +147,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     return {"top1": top1_acc, "top1_error": 1 - top1_acc, "top5": top5_acc, "top5_error": 1 - top5_acc, "loss": loss}
 
 
-def evaluate(runs: Sequence[str | Run], *, crops: int = 144, data_dir: str | None = None,
+def evaluate(runs: Sequence[str | TrainedModel], *, crops: int = 144, data_dir: str | None = None,
              split: str = "validation", num_workers: int | None = None, batch_size: int | None = None) -> dict:
     """Figure 4's evaluation of one network or an ensemble: ``classification_metrics``
     of ``probabilities``, with the number of examples, crops and models."""
@@ -169,4 +170,4 @@ def format_results(results: dict) -> str:
 def write_results(path: str, results: dict, command: str) -> None:
     """``results`` and the command that produced them, as JSON."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metrics.write_json(path, {"command": command, **results})
+    run_records.write_json(path, {"command": command, **results})

@@ -100,7 +100,7 @@ def eval_image(image: np.ndarray, size: int = 224, crop_fraction: float = 0.875)
 # paper's Sec. 4.2.3 / Figure 4 results: shorter sides 256, 288, 320, 352.
 MULTICROP_SCALES = (256, 288, 320, 352)
 SQUARES = ("first", "center", "last")  # left/center/right, or top/center/bottom (portrait).
-CROPS = ("top_left", "top_right", "bottom_left", "bottom_right", "center", "whole")
+CROP_POSITIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center", "whole")
 
 
 def scales_for(size: int) -> tuple[int, ...]:
@@ -116,14 +116,14 @@ def multicrop_images(image: np.ndarray, size: int = 224, scales: tuple[int, ...]
     and right (top, center, bottom for a portrait image), the 4 corner and the
     center ``size`` x ``size`` crops and the whole square resized to ``size``;
     each followed by its mirror. Crop k is scale k // 36, square k // 12 % 3,
-    crop ``CROPS[k // 2 % 6]``, mirrored if k is odd.
+    crop ``CROP_POSITIONS[k // 2 % 6]``, mirrored if k is odd.
     """
     scales = scales_for(size) if scales is None else scales
     if min(scales) < size:
         raise ValueError(f"Every scale must be >= size {size}, got {scales}.")
     height, width = image.shape[:2]
     landscape = height <= width
-    out = np.empty((len(scales) * len(SQUARES) * len(CROPS) * 2, size, size, 3), np.float32)
+    out = np.empty((len(scales) * len(SQUARES) * len(CROP_POSITIONS) * 2, size, size, 3), np.float32)
     k = 0
     for s in scales:
         long_side = max(s, round(max(height, width) * s / min(height, width)))

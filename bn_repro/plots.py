@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bn_repro.metrics import AFTER_TRAINING  # noqa: E402
+from bn_repro.run_records import AFTER_TRAINING  # noqa: E402
 
 PERCENTILE_KEYS = ("sigmoid_input_p15", "sigmoid_input_p50", "sigmoid_input_p85")
 

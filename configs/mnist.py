@@ -86,4 +86,9 @@ def get_config(variant: str = "bn") -> ml_collections.ConfigDict:
     # checkpoint every checkpoint_every steps (a multiple of eval_every).
     config.eval_every = 500
     config.checkpoint_every = 5000
+    # [ours] what summary.json reports: test accuracy at these steps, and the
+    # steps to reach these accuracies; compare_runs' default target.
+    config.milestones = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
+    config.targets = (0.95, 0.97)
+    config.target_accuracy = 0.97
     return config

@@ -7,22 +7,20 @@ Prints one row per run (device, processes, precision, global batch, final and
 best accuracy, steps and wall time to the target, wall time, steps/s, images/s),
 the curve differences of each run from the first, and the config fields in
 which they differ. The accuracy is test_accuracy (MNIST) or val_top1
-(ImageNet); the default target 0.97 (MNIST) or 0.722 (ImageNet, Figure 3).
+(classification, e.g. ImageNet); the default target is each run's
+config.target_accuracy: 0.97 (MNIST) or 0.722 (ImageNet, Figure 3).
 """
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bn_repro import compare  # noqa: E402
+from bn_repro import compare
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Workdirs of runs; the first is the reference.")
-    parser.add_argument("--target", type=float, help="Target accuracy (default: 0.97 MNIST, 0.722 ImageNet).")
+    parser.add_argument("--target", type=float, help="Target accuracy (default: the runs' config.target_accuracy).")
     parser.add_argument("--tolerance", type=float, default=1e-6,
                         help="Curves differ at a step where accuracy or train loss differ by more (default 1e-6).")
     parser.add_argument("--markdown", help="Also write the tables as Markdown to this file.")

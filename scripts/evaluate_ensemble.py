@@ -10,13 +10,9 @@ evaluate_multicrop.py.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import evaluate_multicrop as multicrop  # noqa: E402  Its flags; it puts the repo on sys.path.
-from bn_repro import ensemble  # noqa: E402
+import evaluate_multicrop as multicrop  # Its flags (this script's directory is on sys.path).
+from bn_repro import ensemble
 
 
 def main() -> None:

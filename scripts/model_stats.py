@@ -15,16 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bn_repro.models.bn_inception import BNInception  # noqa: E402
-from bn_repro.models.googlenet import GoogLeNet  # noqa: E402
+from bn_repro.models.bn_inception import BNInception
+from bn_repro.models.googlenet import GoogLeNet
 
 VARIANTS = {
     "BN-Inception (Figure 5, pool proj 96 in 4c/4d, separable stem)": BNInception(),
     "BN-Inception, pool proj 128 in 4c/4d (as printed)": BNInception(pool_proj_4cd=128),
     "BN-Inception, plain 7x7 stem": BNInception(separable_stem=False),
-    "Inception baseline (Figure 5 without BN, with biases, LRN)": BNInception(use_bn=False, use_lrn=True, dropout_rate=0.4),
+    "Inception baseline (Figure 5 without BN, with biases, LRN)": BNInception(norm=None, use_lrn=True, dropout_rate=0.4),
     "GoogLeNet (2014), no auxiliary heads": GoogLeNet(),
     "GoogLeNet (2014), with auxiliary heads": GoogLeNet(aux_heads=True),
 }

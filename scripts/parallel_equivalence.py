@@ -41,10 +41,10 @@ def train(workdir: str, devices: int, overrides: list[str]) -> None:
 def load(workdir: str) -> tuple[list[np.ndarray], list[float]]:
     import jax
 
-    from bn_repro import checkpoints, metrics
+    from bn_repro import checkpoints, run_records
 
     variables = checkpoints.load_final_model(workdir)
-    curve = [r["test_accuracy"] for r in metrics.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    curve = [r["test_accuracy"] for r in run_records.read_metrics(os.path.join(workdir, "metrics.jsonl"))
              if "test_accuracy" in r]
     return [np.asarray(x) for x in jax.tree.leaves(variables)], curve
 

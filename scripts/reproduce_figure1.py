@@ -24,12 +24,11 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from bn_repro import metrics as metrics_lib
+from bn_repro import mnist_data, plots, run_records
+from bn_repro.main import load_config
 
-from bn_repro import metrics as metrics_lib  # noqa: E402
-from bn_repro import mnist_data, plots  # noqa: E402
-from bn_repro.main import load_config  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = ("baseline", "bn")
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
@@ -99,7 +98,7 @@ def main(argv: list[str]) -> int:
     records, summaries = {}, {}
     for variant in VARIANTS:
         run_dir = os.path.join(args.workdir, variant)
-        records[variant] = metrics_lib.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+        records[variant] = run_records.read_metrics(os.path.join(run_dir, "metrics.jsonl"))
         with open(os.path.join(run_dir, "summary.json")) as f:
             summaries[variant] = json.load(f)
         shutil.copyfile(os.path.join(run_dir, "metrics.jsonl"), os.path.join(args.results, f"metrics_{variant}.jsonl"))
@@ -114,7 +113,7 @@ def main(argv: list[str]) -> int:
         "sigmoid_input_percentiles": {v: percentile_drift(records[v]) for v in VARIANTS},
         "nets": summaries,
     }
-    metrics_lib.write_json(os.path.join(args.results, "summary.json"), summary)
+    run_records.write_json(os.path.join(args.results, "summary.json"), summary)
     print(f"Wrote {args.results}/figure1.png and summary.json ({training_wall_time:.1f} s of training).")
     for name, ok in summary["checks"].items():
         print(f"  {name}: {ok}")

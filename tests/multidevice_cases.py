@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bn_repro import checkpoints, parallel, train
-from bn_repro import metrics as metrics_lib
+from bn_repro import run_records
 from bn_repro.batchnorm import BatchNorm
 from test_train import deterministic, small_config, train_interrupted_after
 
@@ -112,14 +112,14 @@ def mnist_config(data_dir, **overrides):
 
 def final_variables(workdir, config):
     manager = checkpoints.checkpoint_manager(str(workdir))
-    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config, loop="jit"), (28, 28))
+    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_setup(config).program_model, (28, 28), 1)
     state, _ = checkpoints.restore_latest(manager, state)
     manager.close()
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def assert_runs_close(workdirs, configs):
-    curves = [deterministic(metrics_lib.read_metrics(str(w / "metrics.jsonl"))) for w in workdirs]
+    curves = [deterministic(run_records.read_metrics(str(w / "metrics.jsonl"))) for w in workdirs]
     assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]]
     for a, b in zip(*curves):
         for key in a:
@@ -157,6 +157,6 @@ def test_resume_after_interruption_in_both_loops(small_mnist_dir, tmp_path, monk
     train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
     train_interrupted_after(config, tmp_path / "resumed", 40, monkeypatch)  # the last checkpoint: 20
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    want = deterministic(metrics_lib.read_metrics(str(tmp_path / "uninterrupted" / "metrics.jsonl")))
-    got = deterministic(metrics_lib.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl")))
+    want = deterministic(run_records.read_metrics(str(tmp_path / "uninterrupted" / "metrics.jsonl")))
+    got = deterministic(run_records.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl")))
     assert got == want

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from bn_repro import compare, train
-from bn_repro import metrics as metrics_lib
+from bn_repro import run_records
 from bn_repro.main import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,5 +174,5 @@ def test_the_run_records_its_environment(runs, monkeypatch):
         raise FileNotFoundError("git")
 
     monkeypatch.setattr(subprocess, "run", no_git)
-    assert metrics_lib.git_state() == (None, None)
-    assert metrics_lib.environment_info("cmd")["git_commit"] is None
+    assert run_records.git_state() == (None, None)
+    assert run_records.environment_info("cmd")["git_commit"] is None

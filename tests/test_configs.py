@@ -203,7 +203,7 @@ def test_weight_decay_skips_biases_and_bn_and_follows_l2_reduction():
     import jax.numpy as jnp
 
     config = load_config(f"{IMAGENET}:bn_x5", ["--config.momentum=0.0", "--config.lr_schedule=constant"])
-    tx = train.create_optimizer(config)
+    tx = train.create_optimizer(config, steps_per_epoch=1)
     params = {"conv": {"kernel": jnp.ones(3)}, "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
     zeros = {"conv": {"kernel": jnp.zeros(3)}, "bn": {"scale": jnp.zeros(3), "bias": jnp.zeros(3)}}
     updates, _ = tx.update(zeros, tx.init(params), params)

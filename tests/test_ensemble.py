@@ -23,7 +23,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bn_repro import checkpoints, ensemble, imagenet_data
-from bn_repro import metrics as metrics_lib
+from bn_repro import image_data, run_records
+from conftest import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "imagenet.py")
@@ -31,7 +32,7 @@ MOCK_MAIN = os.path.join(REPO, "tests", "mock_imagenet_main.py")
 MOCK_SCRIPT = os.path.join(REPO, "tests", "mock_imagenet_script.py")
 NUM_EXAMPLES = 20  # per split; batches of 8 (the last padded) or 3 (144 crops).
 # Less LLVM optimisation: XLA's CPU compile time dominates these tiny runs.
-ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
+ENV = subprocess_env()  # (XLA at a low optimisation level: conftest.py)
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess:
@@ -49,7 +50,7 @@ def workdirs(tmp_path_factory) -> dict[str, str]:
     run([sys.executable, MOCK_MAIN, str(NUM_EXAMPLES), f"--config={CONFIG}:bn_x5:small", f"--workdir={a}",
          "--config.data.data_dir=/nonexistent/tfds", "--config.num_steps=2", "--config.checkpoint_every=2"])
     shutil.copytree(a, b)
-    variables = ensemble.load_run(b).variables
+    variables = ensemble.load_trained_model(b).variables
     leaves, treedef = jax.tree.flatten(variables["params"])
     rng = np.random.default_rng(0)
     params = jax.tree.unflatten(treedef, [x * (1 + 0.3 * rng.standard_normal(x.shape, np.float32)) for x in leaves])
@@ -64,8 +65,8 @@ def mock_imagenet():
 
 
 @pytest.fixture(scope="module")
-def runs(workdirs, mock_imagenet) -> dict[str, ensemble.Run]:
-    return {name: ensemble.load_run(path) for name, path in workdirs.items()}
+def runs(workdirs, mock_imagenet) -> dict[str, ensemble.TrainedModel]:
+    return {name: ensemble.load_trained_model(path) for name, path in workdirs.items()}
 
 
 def probabilities(runs, crops=1, **kwargs):
@@ -76,14 +77,14 @@ def test_central_crop_reproduces_the_runs_own_evaluation(workdirs, runs):
     """The final model is the population-statistics model: one crop gives exactly
     the after-training evaluation; the step-2 checkpoint (moving averages) the step-2 one.
     (The mock's random labels leave top-1/top-5 near 0; the loss pins the probabilities.)"""
-    records = metrics_lib.read_metrics(os.path.join(workdirs["a"], "metrics.jsonl"))
+    records = run_records.read_metrics(os.path.join(workdirs["a"], "metrics.jsonl"))
     final = ensemble.evaluate([runs["a"]], crops=1, num_workers=0)
-    after = next(r for r in records if r.get(metrics_lib.AFTER_TRAINING))
+    after = next(r for r in records if r.get(run_records.AFTER_TRAINING))
     assert final["top1"] == after["val_top1_population_stats"]
     assert final["top5"] == after["val_top5_population_stats"]
     assert final["loss"] == pytest.approx(after["val_loss_population_stats"], rel=1e-5)
     assert (final["num_examples"], final["crops"], final["models"], final["steps"]) == (NUM_EXAMPLES, 1, 1, [None])
-    at_step_2 = ensemble.evaluate([ensemble.load_run(workdirs["a"], step=2)], crops=1, num_workers=0)
+    at_step_2 = ensemble.evaluate([ensemble.load_trained_model(workdirs["a"], step=2)], crops=1, num_workers=0)
     during = next(r for r in records if r.get("step") == 2 and "val_loss" in r)
     assert (at_step_2["top1"], at_step_2["top5"]) == (during["val_top1"], during["val_top5"])
     assert at_step_2["loss"] == pytest.approx(during["val_loss"], rel=1e-5)
@@ -121,7 +122,7 @@ def test_144_crops_count_every_example_once(runs):
     np.testing.assert_allclose(multi.sum(axis=1), 1.0, rtol=1e-5)
     assert not np.allclose(multi, central, rtol=1e-3)
     # Example 5 alone equals its row: the mean of its 144 crops' softmax.
-    crops = imagenet_data.eval_batches(source, crops=144, image_size=32, crop_fraction=0.875,
+    crops = image_data.eval_batches(source, crops=144, image_size=32, crop_fraction=0.875,
                                        global_batch_size=NUM_EXAMPLES, num_workers=0)
     batch = next(iter(crops))
     assert batch["image"].shape == (NUM_EXAMPLES, 144, 32, 32, 3) and batch["mask"].all()
@@ -142,9 +143,9 @@ def test_classification_metrics():
 
 def test_errors_name_the_problem(workdirs, runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        ensemble.load_run(str(tmp_path / "nothing"))
+        ensemble.load_trained_model(str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 .*\[2\]"):
-        ensemble.load_run(workdirs["a"], step=3)
+        ensemble.load_trained_model(workdirs["a"], step=3)
     other = dataclasses.replace(runs["b"], config=runs["b"].config.copy_and_resolve_references())
     other.config.model.num_classes = 10
     with pytest.raises(ValueError, match="model.num_classes"):
@@ -174,6 +175,6 @@ def test_scripts_run_end_to_end(workdirs, runs, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     runpy.run_path(os.path.join(REPO, "scripts", "evaluate_multicrop.py"), run_name="__main__")
     written = json.loads(output.read_text())
-    records = metrics_lib.read_metrics(os.path.join(workdirs["a"], "metrics.jsonl"))
+    records = run_records.read_metrics(os.path.join(workdirs["a"], "metrics.jsonl"))
     during = next(r for r in records if r.get("step") == 2 and "val_loss" in r)
     assert written["steps"] == [2] and written["loss"] == pytest.approx(during["val_loss"], rel=1e-5)

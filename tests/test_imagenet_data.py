@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from bn_repro import image_data
 from bn_repro import imagenet_data as data
 
 SIZE = 16  # Output images; small to keep the tests fast.
@@ -118,16 +119,16 @@ def test_prepare_without_tensorflow_says_how_to_install(tmp_path):
 
 
 def test_global_order_is_a_fresh_permutation_each_epoch():
-    a, b = (data.epoch_order(1000, 0, epoch, "global", 0) for epoch in (0, 1))
+    a, b = (image_data.epoch_order(1000, 0, epoch, "global", 0) for epoch in (0, 1))
     np.testing.assert_array_equal(np.sort(a), np.arange(1000))
     assert not np.array_equal(a, b)
-    np.testing.assert_array_equal(a, data.epoch_order(1000, 0, 0, "global", 0))
-    assert not np.array_equal(a, data.epoch_order(1000, 1, 0, "global", 0))
+    np.testing.assert_array_equal(a, image_data.epoch_order(1000, 0, 0, "global", 0))
+    assert not np.array_equal(a, image_data.epoch_order(1000, 1, 0, "global", 0))
 
 
 def test_window_order_permutes_only_within_fixed_windows():
     n, w = 1003, 100  # The last window is short.
-    orders = [data.epoch_order(n, 0, epoch, "window", w) for epoch in range(3)]
+    orders = [image_data.epoch_order(n, 0, epoch, "window", w) for epoch in range(3)]
     for order in orders:
         np.testing.assert_array_equal(np.sort(order), np.arange(n))
         # Position i holds an example from the same window as i: fixed membership, windows in order.
@@ -137,10 +138,10 @@ def test_window_order_permutes_only_within_fixed_windows():
 
 
 def test_unknown_shuffle_is_rejected():
-    with pytest.raises(ValueError, match="config.data.shuffle"):
-        data.epoch_order(10, 0, 0, "none", 4)
-    with pytest.raises(ValueError, match="config.data.shuffle"):
-        data.train_batches(indexed_source(16), global_batch_size=8, start_step=0, num_steps=1,
+    with pytest.raises(ValueError, match="shuffle must be one of"):
+        image_data.epoch_order(10, 0, 0, "none", 4)
+    with pytest.raises(ValueError, match="shuffle must be one of"):
+        image_data.train_batches(indexed_source(16), global_batch_size=8, start_step=0, num_steps=1,
                            **{**TRAIN, "shuffle": "sorted"})
 
 
@@ -149,12 +150,12 @@ def test_unknown_shuffle_is_rejected():
 
 def test_train_batches_follow_the_epoch_orders():
     source, G = indexed_source(43), 8  # 5 steps per epoch; 3 examples skipped each epoch.
-    assert data.steps_per_epoch(43, G) == 5
-    batches = collect(data.train_batches(source, global_batch_size=G, start_step=0, num_steps=12, **TRAIN))
+    assert image_data.steps_per_epoch(43, G) == 5
+    batches = collect(image_data.train_batches(source, global_batch_size=G, start_step=0, num_steps=12, **TRAIN))
     assert len(batches) == 12
     for k, batch in enumerate(batches):
         epoch, p = divmod(k, 5)
-        order = data.epoch_order(43, TRAIN["seed"], epoch, "global", 0)
+        order = image_data.epoch_order(43, TRAIN["seed"], epoch, "global", 0)
         np.testing.assert_array_equal(batch["label"], order[p * G : (p + 1) * G])
         assert batch["image"].shape == (G, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
         assert batch["label"].dtype == np.int32
@@ -165,7 +166,7 @@ def test_train_batches_follow_the_epoch_orders():
 def test_window_shuffle_keeps_neighbours_together():
     source = indexed_source(48)
     kw = {**TRAIN, "shuffle": "window", "shuffle_window": 16}
-    batches = collect(data.train_batches(source, global_batch_size=8, start_step=0, num_steps=12, **kw))
+    batches = collect(image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=12, **kw))
     for k, batch in enumerate(batches):
         window = (k % 6) // 2  # Two batches per window of 16.
         assert set(batch["label"] // 16) == {window}
@@ -173,8 +174,8 @@ def test_window_shuffle_keeps_neighbours_together():
 
 def test_mock_imagenet_batches(mock_imagenet):
     source = mock_imagenet["train"]
-    batches = collect(data.train_batches(source, global_batch_size=8, start_step=0, num_steps=3, **TRAIN))
-    order = data.epoch_order(len(source), TRAIN["seed"], 0, "global", 0)
+    batches = collect(image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=3, **TRAIN))
+    order = image_data.epoch_order(len(source), TRAIN["seed"], 0, "global", 0)
     for p, batch in enumerate(batches):
         assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
         assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and batch["image"].std() > 0.1
@@ -185,18 +186,18 @@ def test_mock_imagenet_batches(mock_imagenet):
 def test_train_batches_are_deterministic_and_resumable(mock_imagenet):
     source = mock_imagenet["train"]
     run = dict(global_batch_size=8, **TRAIN)
-    full = collect(data.train_batches(source, start_step=0, num_steps=12, **run))
-    assert_streams_equal(full, collect(data.train_batches(source, start_step=0, num_steps=12, **run)))
-    assert_streams_equal(full[7:], collect(data.train_batches(source, start_step=7, num_steps=5, **run)))
-    other = collect(data.train_batches(source, start_step=0, num_steps=1, **{**run, "seed": 4}))
+    full = collect(image_data.train_batches(source, start_step=0, num_steps=12, **run))
+    assert_streams_equal(full, collect(image_data.train_batches(source, start_step=0, num_steps=12, **run)))
+    assert_streams_equal(full[7:], collect(image_data.train_batches(source, start_step=7, num_steps=5, **run)))
+    other = collect(image_data.train_batches(source, start_step=0, num_steps=1, **{**run, "seed": 4}))
     assert not np.array_equal(other[0]["image"], full[0]["image"])
 
 
 def test_processes_split_the_global_batch():
     source = indexed_source(43)
-    single = collect(data.train_batches(source, global_batch_size=8, start_step=3, num_steps=6, **TRAIN))
+    single = collect(image_data.train_batches(source, global_batch_size=8, start_step=3, num_steps=6, **TRAIN))
     parts = [
-        collect(data.train_batches(source, global_batch_size=8, start_step=3, num_steps=6,
+        collect(image_data.train_batches(source, global_batch_size=8, start_step=3, num_steps=6,
                                    process_index=i, process_count=2, **TRAIN))
         for i in range(2)
     ]
@@ -205,17 +206,17 @@ def test_processes_split_the_global_batch():
         for key in batch:
             np.testing.assert_array_equal(batch[key], np.concatenate([parts[0][k][key], parts[1][k][key]]))
     with pytest.raises(ValueError, match="divisible"):
-        data.train_batches(source, global_batch_size=8, start_step=0, num_steps=1, process_count=3, **TRAIN)
+        image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=1, process_count=3, **TRAIN)
 
 
 def test_worker_processes_give_identical_batches(mock_imagenet):
     run = dict(global_batch_size=8, start_step=2, num_steps=7, **{**TRAIN, "distortion_strength": 0.5})
-    serial = collect(data.train_batches(mock_imagenet["train"], **run))
-    parallel = collect(data.train_batches(mock_imagenet["train"], **{**run, "num_workers": 2}))
+    serial = collect(image_data.train_batches(mock_imagenet["train"], **run))
+    parallel = collect(image_data.train_batches(mock_imagenet["train"], **{**run, "num_workers": 2}))
     assert_streams_equal(serial, parallel)
     kw = dict(global_batch_size=4, image_size=SIZE, crop_fraction=0.875)
-    assert_streams_equal(collect(data.eval_batches(mock_imagenet["validation"], num_workers=0, **kw)),
-                         collect(data.eval_batches(mock_imagenet["validation"], num_workers=2, **kw)))
+    assert_streams_equal(collect(image_data.eval_batches(mock_imagenet["validation"], num_workers=0, **kw)),
+                         collect(image_data.eval_batches(mock_imagenet["validation"], num_workers=2, **kw)))
 
 
 # Evaluation batches.
@@ -226,9 +227,9 @@ def test_eval_sees_every_example_once(process_count):
     n, G = 13, 4
     source = indexed_source(n)
     seen, real = [], 0
-    per_process = data.num_eval_batches(n, G, process_count)
+    per_process = image_data.num_eval_batches(n, G, process_count)
     for i in range(process_count):
-        batches = collect(data.eval_batches(source, global_batch_size=G, image_size=SIZE, crop_fraction=0.875,
+        batches = collect(image_data.eval_batches(source, global_batch_size=G, image_size=SIZE, crop_fraction=0.875,
                                             num_workers=0, process_index=i, process_count=process_count))
         assert len(batches) == per_process
         for b in batches:
@@ -243,7 +244,7 @@ def test_eval_sees_every_example_once(process_count):
 
 def test_mock_imagenet_eval_labels(mock_imagenet):
     source = mock_imagenet["validation"]
-    batches = collect(data.eval_batches(source, global_batch_size=8, image_size=SIZE, crop_fraction=0.875,
+    batches = collect(image_data.eval_batches(source, global_batch_size=8, image_size=SIZE, crop_fraction=0.875,
                                         num_workers=0))
     mask = np.concatenate([b["mask"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])[mask == 1.0]

@@ -1,8 +1,11 @@
-"""The paper's ImageNet variants train through the real entry point and pipeline.
+"""The paper's ImageNet variants train through the real training path and pipeline.
 
-Each run is ``python tests/mock_imagenet_main.py`` (``bn_repro.main`` on TFDS's
-mock imagenet2012) at the ``:small`` size, in a subprocess; the runs start
-together (one per core) when the first test needs them.
+Each variant trains at the ``:small`` size on TFDS's mock imagenet2012. To
+share start-up and compiled programs, the runs go in two groups, each one
+process (``tests/mock_imagenet_runs.py``: the entry point's training, after
+its flag parsing) on its own core; the resumed run is two runs of the entry
+point itself (``tests/mock_imagenet_main.py``). They start when the first test
+needs them.
 """
 
 import json
@@ -18,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bn_repro import metrics as metrics_lib
+from bn_repro import run_records
+from conftest import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "imagenet.py")
@@ -31,9 +35,23 @@ VARIANTS = (
 # machine infinity within a few steps, as the full-size net does at 0.0075.
 DIVERGING = ["--config.learning_rate=1.0", "--config.num_steps=20", "--config.eval_every=10",
              "--config.checkpoint_every=20"]
-# XLA's CPU compile time dominates these tiny runs; less LLVM optimisation
-# compiles ~3x faster and leaves the numerics alone.
-ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
+# XLA's CPU compile time dominates these tiny runs: conftest.py lowers XLA's
+# optimisation level and shares a compilation cache with the subprocesses.
+ENV = subprocess_env()
+
+
+MOCK_RUNS = os.path.join(REPO, "tests", "mock_imagenet_runs.py")
+
+
+def run_group(root, jobs: dict[str, tuple[str, ...]]) -> None:
+    """Runs ``{name: (variant, *overrides)}`` one after the other in one process,
+    each in ``root/name``; a failed run leaves ``root/name/error.txt``."""
+    spec = [[str(root / name), f"{CONFIG}:{variant}:small", ["--config.data.data_dir=/nonexistent/tfds", *overrides]]
+            for name, (variant, *overrides) in jobs.items()]
+    jobs_path = root / f"jobs_{next(iter(jobs))}.json"
+    jobs_path.write_text(json.dumps(spec))
+    subprocess.run([sys.executable, MOCK_RUNS, str(NUM_EXAMPLES), str(jobs_path)], capture_output=True, text=True,
+                   env=ENV, cwd=REPO)
 
 
 def run_main(workdir: str, variant: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -59,14 +77,22 @@ def resumed_run(workdir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet_runs")
-    jobs = {variant: (run_main, (str(root / variant), variant)) for variant in VARIANTS}
-    jobs["diverging"] = (run_main, (str(root / "diverging"), "inception_x5", *DIVERGING))
-    jobs["workers"] = (run_main, (str(root / "workers"), "bn_x30", "--config.data.num_workers=2"))
-    jobs["bfloat16"] = (run_main, (str(root / "bfloat16"), "bn_x5", "--config.model.dtype=bfloat16"))
-    jobs["resumed"] = (resumed_run, (str(root / "resumed"),))
+    groups = [  # about equal work each; same-width nets in a group share compiled programs
+        {"bn_x5": ("bn_x5",), "bn_baseline": ("bn_baseline",), "bn_x30": ("bn_x30",),
+         "workers": ("bn_x30", "--config.data.num_workers=2"), "bfloat16": ("bn_x5", "--config.model.dtype=bfloat16"),
+         "bn_x5_sigmoid": ("bn_x5_sigmoid",)},
+        {"inception": ("inception",), "inception_sigmoid": ("inception_sigmoid",), "diverging": ("inception_x5", *DIVERGING),
+         "inception_x5": ("inception_x5",), "googlenet": ("googlenet",)},
+    ]
+    jobs = [(run_group, (root, group)) for group in groups] + [(resumed_run, (str(root / "resumed"),))]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        futures = {name: pool.submit(fn, *args) for name, (fn, args) in jobs.items()}
-        errors = {name: f.exception() for name, f in futures.items()}
+        futures = [pool.submit(fn, *args) for fn, args in jobs]
+        errors = {"resumed": futures[-1].exception()}
+    for name in (n for group in groups for n in group):
+        error = root / name / "error.txt"
+        errors[name] = AssertionError(error.read_text()) if error.exists() else None
+        if not (root / name / "summary.json").exists() and errors[name] is None:
+            errors[name] = AssertionError(f"run {name} wrote no summary.json (its group's process died?)")
     return {"root": root, "errors": errors}
 
 
@@ -78,7 +104,7 @@ def load_run(runs, name: str) -> tuple[list[dict], dict, dict]:
         summary = json.load(f)
     with open(workdir / "config.json") as f:
         config = json.load(f)
-    return metrics_lib.read_metrics(str(workdir / "metrics.jsonl")), summary, config
+    return run_records.read_metrics(str(workdir / "metrics.jsonl")), summary, config
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -98,7 +124,7 @@ def test_variant_trains_with_finite_loss(runs, variant):
     assert config["variant"] == f"{variant}:small"
     final_model = runs["root"] / variant / "final_model"
     assert final_model.is_dir()
-    after = [r for r in records if r.get(metrics_lib.AFTER_TRAINING)]
+    after = [r for r in records if r.get(run_records.AFTER_TRAINING)]
     if config["model"]["use_bn"]:  # Algorithm 2 before the final evaluation.
         assert len(after) == 1 and math.isfinite(after[0]["val_loss_population_stats"])
         assert summary["final_val_top1_population_stats"] == after[0]["val_top1_population_stats"]
@@ -120,11 +146,11 @@ def test_worker_processes_train(runs):
 
 def test_resume_gives_identical_metrics(runs):
     load_run(runs, "resumed")
-    resumed = metrics_lib.read_metrics(str(runs["root"] / "resumed" / "metrics.jsonl"))
-    uninterrupted = metrics_lib.read_metrics(str(runs["root"] / "resumed_uninterrupted" / "metrics.jsonl"))
+    resumed = run_records.read_metrics(str(runs["root"] / "resumed" / "metrics.jsonl"))
+    uninterrupted = run_records.read_metrics(str(runs["root"] / "resumed_uninterrupted" / "metrics.jsonl"))
 
     def deterministic(records):
-        return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_KEYS} for r in records]
+        return [{k: v for k, v in r.items() if k not in run_records.TIMING_KEYS} for r in records]
 
     assert [r["step"] for r in resumed if "val_top1" in r] == [1, 2, 3, 4]
     assert deterministic(resumed) == deterministic(uninterrupted)

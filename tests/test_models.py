@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bn_repro.batchnorm import BatchNorm
 from bn_repro.models.bn_inception import BNInception
 from bn_repro.models.googlenet import GoogLeNet
 from bn_repro.models.layers import local_response_norm, max_pool
@@ -120,13 +121,13 @@ def googlenet_param_count():
         ({}, figure5_param_count(96)),
         ({"pool_proj_4cd": 128}, figure5_param_count(128)),
         ({"separable_stem": False}, figure5_param_count(96, separable=False)),
-        ({"use_bn": False, "use_lrn": True, "dropout_rate": 0.4}, figure5_param_count(96, bn=False)),
+        ({"norm": None, "use_lrn": True, "dropout_rate": 0.4}, figure5_param_count(96, bn=False)),
     ],
 )
 def test_bn_inception_parameter_count(kwargs, expected):
     variables, _ = layer_outputs(BNInception(**kwargs))
     assert count(variables["params"]) == expected
-    assert ("batch_stats" in variables) == kwargs.get("use_bn", True)
+    assert ("batch_stats" in variables) == (kwargs.get("norm", BatchNorm) is not None)
 
 
 def test_parameter_counts_in_the_expected_range():
@@ -152,7 +153,7 @@ def test_small_net_trains_and_keeps_float32_statistics():
 
 @pytest.mark.parametrize("model", [
     BNInception(num_classes=7, width=0.0625, nonlinearity="sigmoid", dropout_rate=0.5, use_lrn=True),
-    BNInception(num_classes=7, width=0.0625, use_bn=False, separable_stem=False),
+    BNInception(num_classes=7, width=0.0625, norm=None, separable_stem=False),
     GoogLeNet(num_classes=7, width=0.0625, aux_heads=True),
 ])
 def test_variants_run_at_small_size(model):

@@ -13,8 +13,9 @@ import sys
 
 import numpy as np
 
-from bn_repro import metrics as metrics_lib
+from bn_repro import run_records
 from test_train import deterministic
+from conftest import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +36,7 @@ def main_command(workdir, data_dir) -> list[str]:
 
 def run_two_processes(workdir, data_dir) -> None:
     port = free_port()
-    env = {**os.environ, "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**subprocess_env("--xla_force_host_platform_device_count=1"), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
     procs = [
         subprocess.Popen(
             main_command(workdir, data_dir) + [f"--coordinator_address=localhost:{port}", "--num_processes=2",
@@ -52,14 +52,14 @@ def run_two_processes(workdir, data_dir) -> None:
 
 def test_two_processes_match_one_process_and_resume(small_mnist_dir, tmp_path):
     single = tmp_path / "single"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = subprocess_env("--xla_force_host_platform_device_count=2")
     result = subprocess.run(main_command(single, small_mnist_dir), cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
 
     multi = tmp_path / "multi"
     run_two_processes(multi, small_mnist_dir)
-    want = deterministic(metrics_lib.read_metrics(str(single / "metrics.jsonl")))
-    got = deterministic(metrics_lib.read_metrics(str(multi / "metrics.jsonl")))
+    want = deterministic(run_records.read_metrics(str(single / "metrics.jsonl")))
+    got = deterministic(run_records.read_metrics(str(multi / "metrics.jsonl")))
     assert [r["step"] for r in got] == [r["step"] for r in want] == [25, 50, 75, 100, 100]
     for g, w in zip(got, want):
         for key in w:
@@ -68,8 +68,8 @@ def test_two_processes_match_one_process_and_resume(small_mnist_dir, tmp_path):
     # Interrupted after step 75: drop the checkpoint at 100 and the records after 50; both resume from 50.
     shutil.rmtree(multi / "checkpoints" / "100")
     run_two_processes(multi, small_mnist_dir)
-    resumed = deterministic(metrics_lib.read_metrics(str(multi / "metrics.jsonl")))
+    resumed = deterministic(run_records.read_metrics(str(multi / "metrics.jsonl")))
     assert resumed == got
-    records = metrics_lib.read_metrics(str(multi / "metrics.jsonl"))  # one writer: no duplicated lines
+    records = run_records.read_metrics(str(multi / "metrics.jsonl"))  # one writer: no duplicated lines
     assert len(records) == 5
     assert (multi / "summary.json").exists() and (multi / "final_model").is_dir()

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bn_repro.models.bn_inception import BNInception  # noqa: E402
-from bn_repro.models.torch_bn_inception import (  # noqa: E402
+from torch_bn_inception import (  # noqa: E402  (benchmarks/, on pytest's pythonpath)
     avg_pool_same,
     load_flax_variables,
     max_pool_same,

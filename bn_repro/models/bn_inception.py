@@ -1,6 +1,6 @@
 """BN-Inception, the network of the paper's Figure 5 (Sec. 4.2).
 
-With ``use_bn=False`` (plus dropout 0.4, LRN and the original schedule) it is
+With ``norm=None`` (plus dropout 0.4, LRN and the original schedule) it is
 the "Inception" baseline the paper compares against: the same network without
 BN, with convolution biases.
 
@@ -21,7 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bn_repro.models.layers import ConvUnit, avg_pool, conv_options, inception_stem, max_pool, scaled
+from bn_repro.batchnorm import BatchNorm, Norm
+from bn_repro.models.layers import ConvUnitFactory, avg_pool, conv_unit_factory, inception_stem, max_pool, scaled
 
 
 class ModuleSpec(NamedTuple):
@@ -60,15 +61,15 @@ class InceptionModule(nn.Module):
     concatenated along channels."""
 
     spec: ModuleSpec
+    unit: ConvUnitFactory
     width: float = 1.0
-    conv_kwargs: dict | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        s, kw = self.spec, self.conv_kwargs or {}
+        s = self.spec
 
-        def conv(features: int, kernel: int, name: str, stride: int = 1) -> ConvUnit:
-            return ConvUnit(scaled(features, self.width), kernel, stride, name=name, **kw)
+        def conv(features: int, kernel: int, name: str, stride: int = 1) -> nn.Module:
+            return self.unit(scaled(features, self.width), kernel, stride, name=name)
 
         branches = []
         if s.n1x1:
@@ -89,39 +90,36 @@ class BNInception(nn.Module):
 
     Attributes:
       num_classes: outputs of the final linear layer (1000 for ImageNet).
-      use_bn: conv -> BN -> nonlinearity everywhere (False: the Inception baseline, with biases).
+      norm: the BN layer of every conv -> BN -> nonlinearity (a ``functools.partial``
+        of ``BatchNorm`` with the run's settings); None: the Inception baseline,
+        no BN and conv biases.
       nonlinearity: 'relu' or 'sigmoid' (BN-x5-Sigmoid, Inception-Sigmoid).
       dropout_rate: dropout before the classifier (0.4 in the baseline, 0 after Sec. 4.2.1).
       use_lrn: LRN (size 5, alpha 1e-4, beta 0.75) at GoogLeNet's two stem positions.
       separable_stem: the first conv as depthwise (multiplier 8) + pointwise, per the footnote.
       pool_proj_4cd: pool projection of 4c and 4d (96 as TF-slim, 128 as printed).
       width: multiplier of every layer's channel count (1 = the paper's net).
-      bn_momentum, bn_epsilon, bn_axis_name, bn_virtual_batch_size: see BatchNorm.
       dtype: computation dtype (bfloat16 on accelerators); parameters and BN
         statistics stay float32.
     """
 
     num_classes: int = 1000
-    use_bn: bool = True
+    norm: Norm | None = BatchNorm
     nonlinearity: str = "relu"
     dropout_rate: float = 0.0
     use_lrn: bool = False
     separable_stem: bool = True
     pool_proj_4cd: int = 96
     width: float = 1.0
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    bn_axis_name: str | None = None
-    bn_virtual_batch_size: int | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        kw = conv_options(self)
+        unit = conv_unit_factory(self.norm, self.nonlinearity, self.dtype)
         x = x.astype(self.dtype) if self.dtype else x
-        x = inception_stem(x, train, self.width, kw, self.use_lrn, separable_multiplier=8 if self.separable_stem else 0)
+        x = inception_stem(x, train, self.width, unit, self.use_lrn, separable_multiplier=8 if self.separable_stem else 0)
         for spec in figure5_modules(self.pool_proj_4cd):
-            x = InceptionModule(spec, self.width, kw, name=f"inception_{spec.name}")(x, train)
+            x = InceptionModule(spec, unit, self.width, name=f"inception_{spec.name}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)

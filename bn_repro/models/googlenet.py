@@ -1,6 +1,6 @@
 """GoogLeNet (Szegedy et al. 2014, arXiv:1409.4842), the 2014 "Inception".
 
-The BN paper's baseline is Figure 5's network without BN (``BNInception(use_bn=False)``);
+The BN paper's baseline is Figure 5's network without BN (``BNInception(norm=None)``);
 this is the original network, kept as a second reference row. Auxiliary
 classifiers (at 4a and 4d, loss weight 0.3 in the original) are optional and
 off by default: the BN paper does not mention them.
@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bn_repro.models.layers import ConvUnit, conv_options, inception_stem, max_pool, scaled
+from bn_repro.batchnorm import Norm
+from bn_repro.models.layers import ConvUnitFactory, conv_unit_factory, inception_stem, max_pool, scaled
 
 
 class GoogLeNetModuleSpec(NamedTuple):
@@ -47,15 +48,15 @@ class GoogLeNetModule(nn.Module):
     """1x1 | 1x1 -> 3x3 | 1x1 -> 5x5 | 3x3 max pool -> 1x1, concatenated."""
 
     spec: GoogLeNetModuleSpec
+    unit: ConvUnitFactory
     width: float = 1.0
-    conv_kwargs: dict | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        s, kw = self.spec, self.conv_kwargs or {}
+        s = self.spec
 
-        def conv(features: int, kernel: int, name: str) -> ConvUnit:
-            return ConvUnit(scaled(features, self.width), kernel, name=name, **kw)
+        def conv(features: int, kernel: int, name: str) -> nn.Module:
+            return self.unit(scaled(features, self.width), kernel, name=name)
 
         return jnp.concatenate(
             [
@@ -72,14 +73,14 @@ class AuxiliaryHead(nn.Module):
     """5x5/3 avg pool, 1x1 conv 128, FC 1024, dropout 0.7, linear (GoogLeNet Sec. 5)."""
 
     num_classes: int
+    unit: ConvUnitFactory
     width: float = 1.0
-    conv_kwargs: dict | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.avg_pool(x, (5, 5), (3, 3), padding="VALID") if min(x.shape[1:3]) >= 5 else x
-        x = ConvUnit(scaled(128, self.width), 1, name="conv", **(self.conv_kwargs or {}))(x, train)
+        x = self.unit(scaled(128, self.width), 1, name="conv")(x, train)
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(scaled(1024, self.width), dtype=self.dtype, name="fc")(x))
         x = nn.Dropout(0.7, deterministic=not train)(x)
@@ -90,33 +91,29 @@ class GoogLeNet(nn.Module):
     """GoogLeNet: stem with LRN, modules 3a-5b, global average pool, dropout 0.4, linear.
 
     With ``aux_heads`` the call returns ``(logits, (aux_4a, aux_4d))``;
-    otherwise just the logits. ``use_bn`` puts BN after every convolution
-    (not part of the 2014 network; off by default).
+    otherwise just the logits. ``norm`` puts that BN layer after every
+    convolution (not part of the 2014 network; None by default).
     """
 
     num_classes: int = 1000
-    use_bn: bool = False
+    norm: Norm | None = None
     nonlinearity: str = "relu"
     dropout_rate: float = 0.4
     use_lrn: bool = True
     aux_heads: bool = False
     width: float = 1.0
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    bn_axis_name: str | None = None
-    bn_virtual_batch_size: int | None = None
     dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
-        kw = conv_options(self)
+        unit = conv_unit_factory(self.norm, self.nonlinearity, self.dtype)
         x = x.astype(self.dtype) if self.dtype else x
-        x = inception_stem(x, train, self.width, kw, self.use_lrn)
+        x = inception_stem(x, train, self.width, unit, self.use_lrn)
         aux = []
         for spec in GOOGLENET_MODULES:
-            x = GoogLeNetModule(spec, self.width, kw, name=f"inception_{spec.name}")(x, train)
+            x = GoogLeNetModule(spec, unit, self.width, name=f"inception_{spec.name}")(x, train)
             if self.aux_heads and spec.name in AUX_AFTER:
-                aux.append(AuxiliaryHead(self.num_classes, self.width, kw, self.dtype, name=f"aux_{spec.name}")(x, train))
+                aux.append(AuxiliaryHead(self.num_classes, unit, self.width, self.dtype, name=f"aux_{spec.name}")(x, train))
             if spec.name in POOL_AFTER:
                 x = max_pool(x, 3, 2)
         x = jnp.mean(x, axis=(1, 2))

@@ -4,13 +4,14 @@ Every convolution is conv -> BN -> nonlinearity when BN is on, with no conv
 bias (Sec. 3.2: beta replaces it), and conv(+bias) -> nonlinearity when off.
 """
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bn_repro.batchnorm import BatchNorm
+from bn_repro.batchnorm import BatchNorm, Norm
 
 NONLINEARITIES: dict[str, Callable[[jax.Array], jax.Array]] = {"relu": nn.relu, "sigmoid": nn.sigmoid}
 # GoogLeNet's convolutions were initialised with Caffe's "xavier" filler.
@@ -20,29 +21,29 @@ KERNEL_INIT = nn.initializers.xavier_uniform()
 class ConvUnit(nn.Module):
     """conv -> [BN] -> nonlinearity, 'SAME' padding.
 
+    A network builds these through one ``functools.partial(ConvUnit, norm=...,
+    act=..., dtype=...)`` (:func:`conv_unit_factory`) handed to every block, so
+    its BN settings, nonlinearity and dtype are set in one place.
+
     Attributes:
       features: output channels.
       kernel: kernel size (square).
       stride: stride (square).
-      use_bn: BN after the convolution, and no convolution bias.
-      nonlinearity: 'relu' or 'sigmoid'.
       separable_multiplier: if > 0, a depthwise convolution with this depth
         multiplier followed by a 1x1 pointwise one (Figure 5's first layer,
         per the paper's footnote); BN and the nonlinearity follow the pointwise.
-      bn_momentum, bn_epsilon, bn_axis_name, bn_virtual_batch_size: see BatchNorm.
+      norm: the BN layer after the convolution (no convolution bias); None:
+        no BN, and the convolution has a bias.
+      act: the nonlinearity.
       dtype: computation dtype (parameters and BN statistics stay float32).
     """
 
     features: int
     kernel: int
     stride: int = 1
-    use_bn: bool = True
-    nonlinearity: str = "relu"
     separable_multiplier: int = 0
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    bn_axis_name: str | None = None
-    bn_virtual_batch_size: int | None = None
+    norm: Norm | None = BatchNorm
+    act: Callable[[jax.Array], jax.Array] = nn.relu
     dtype: jnp.dtype | None = None
 
     @nn.compact
@@ -56,24 +57,21 @@ class ConvUnit(nn.Module):
             )(x)
             kernel, stride = (1, 1), (1, 1)
         x = nn.Conv(
-            self.features, kernel, stride, use_bias=not self.use_bn, kernel_init=KERNEL_INIT,
+            self.features, kernel, stride, use_bias=self.norm is None, kernel_init=KERNEL_INIT,
             dtype=self.dtype, name="conv",
         )(x)
-        if self.use_bn:
-            x = BatchNorm(
-                momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype, axis_name=self.bn_axis_name,
-                virtual_batch_size=self.bn_virtual_batch_size, name="bn",
-            )(x, use_running_average=not train)
-        return NONLINEARITIES[self.nonlinearity](x)
+        if self.norm is not None:
+            x = self.norm(dtype=self.dtype, name="bn")(x, use_running_average=not train)
+        return self.act(x)
 
 
-# The ConvUnit fields a whole network sets once for all its convolutions.
-CONV_OPTIONS = ("use_bn", "nonlinearity", "bn_momentum", "bn_epsilon", "bn_axis_name", "bn_virtual_batch_size", "dtype")
+ConvUnitFactory = Callable[..., ConvUnit]
 
 
-def conv_options(network: nn.Module) -> dict:
-    """``network``'s values of :data:`CONV_OPTIONS`, as keyword arguments for its ConvUnits."""
-    return {name: getattr(network, name) for name in CONV_OPTIONS}
+def conv_unit_factory(norm: Norm | None, nonlinearity: str, dtype: jnp.dtype | None) -> ConvUnitFactory:
+    """``ConvUnit`` with a network's shared settings bound: its BN layer (or None),
+    its nonlinearity ('relu' or 'sigmoid') and its computation dtype."""
+    return functools.partial(ConvUnit, norm=norm, act=NONLINEARITIES[nonlinearity], dtype=dtype)
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
@@ -119,7 +117,7 @@ def local_response_norm(
 
 
 def inception_stem(
-    x: jax.Array, train: bool, width: float, conv_kwargs: dict, use_lrn: bool, separable_multiplier: int = 0
+    x: jax.Array, train: bool, width: float, unit: ConvUnitFactory, use_lrn: bool, separable_multiplier: int = 0
 ) -> jax.Array:
     """GoogLeNet's stem, shared by Figure 5: 7x7/2 conv 64, 3x3/2 max pool, [LRN],
     1x1 conv 64, 3x3 conv 192, [LRN], 3x3/2 max pool.
@@ -127,14 +125,12 @@ def inception_stem(
     Called from a module's compact ``__call__``; the convolutions become its
     submodules ``conv1``, ``conv2_reduce`` and ``conv2``.
     """
-    x = ConvUnit(
-        scaled(64, width), 7, 2, separable_multiplier=separable_multiplier, name="conv1", **conv_kwargs
-    )(x, train)
+    x = unit(scaled(64, width), 7, 2, separable_multiplier=separable_multiplier, name="conv1")(x, train)
     x = max_pool(x, 3, 2)
     if use_lrn:
         x = local_response_norm(x)
-    x = ConvUnit(scaled(64, width), 1, name="conv2_reduce", **conv_kwargs)(x, train)
-    x = ConvUnit(scaled(192, width), 3, name="conv2", **conv_kwargs)(x, train)
+    x = unit(scaled(64, width), 1, name="conv2_reduce")(x, train)
+    x = unit(scaled(192, width), 3, name="conv2")(x, train)
     if use_lrn:
         x = local_response_norm(x)
     return max_pool(x, 3, 2)

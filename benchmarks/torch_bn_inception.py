@@ -1,7 +1,7 @@
 """A PyTorch peer of :class:`bn_repro.models.bn_inception.BNInception` (Figure 5).
 
 The same network, layer for layer and with the same submodule names, for
-benchmarks against PyTorch (``scripts/bench_model.py``) and for checking the
+benchmarks against PyTorch (``benchmarks/bench_model.py``) and for checking the
 two numerically (``tests/test_torch_peer.py``, via :func:`load_flax_variables`).
 Only the settings of BN-Inception are covered (BN, ReLU or sigmoid, no LRN).
 
@@ -15,7 +15,8 @@ What makes it the same function as the Flax model:
   (count_include_pad=False).
 * the separable stem (Figure 5's footnote): depthwise 7x7/2 with depth
   multiplier 8, then a 1x1 pointwise conv, BN and the nonlinearity after it.
-* BN eps 1e-3, torch momentum = 1 - Flax momentum (0.01), no conv bias before BN.
+* BN eps and momentum from the Flax model's ``norm`` (torch momentum = 1 - Flax
+  momentum), no conv bias before BN.
 
 One difference: in training mode torch updates ``running_var`` with the
 unbiased batch variance (times m/(m-1), m = N*H*W), Flax with the biased one;
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_repro.batchnorm import BatchNorm
 from bn_repro.models.bn_inception import BNInception, ModuleSpec, figure5_modules
 from bn_repro.models.layers import scaled
 
@@ -174,9 +176,13 @@ def peer_of(model: BNInception) -> TorchBNInception:
     """The torch network with the same settings as a Flax ``BNInception`` (no LRN)."""
     if not isinstance(model, BNInception) or model.use_lrn:
         raise ValueError(f"no torch peer for {type(model).__name__} with use_lrn={getattr(model, 'use_lrn', None)}")
-    fields = ("num_classes", "use_bn", "nonlinearity", "dropout_rate", "separable_stem", "pool_proj_4cd", "width",
-              "bn_momentum", "bn_epsilon")
-    return TorchBNInception(**{name: getattr(model, name) for name in fields})
+    fields = ("num_classes", "nonlinearity", "dropout_rate", "separable_stem", "pool_proj_4cd", "width")
+    bn = {}
+    if model.norm is not None:  # BatchNorm, or a functools.partial of it with the run's settings.
+        settings = getattr(model.norm, "keywords", {})
+        bn = {"bn_momentum": settings.get("momentum", BatchNorm.momentum),
+              "bn_epsilon": settings.get("epsilon", BatchNorm.epsilon)}
+    return TorchBNInception(use_bn=model.norm is not None, **bn, **{name: getattr(model, name) for name in fields})
 
 
 def _flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:

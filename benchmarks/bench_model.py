@@ -25,12 +25,11 @@ One batch of random images in [-1, 1] and random labels stays on the device;
 ``--warmup`` steps (the first includes compilation for ours) are excluded; the
 rate is the median over ``--repeats`` timed calls of ``--steps`` steps each.
 
-    python scripts/bench_model.py --output results/bench/bn_inception_cpu.md
+    python benchmarks/bench_model.py --output results/bench/bn_inception_cpu.md
 """
 
 import argparse
 import datetime
-import inspect
 import os
 import platform
 import shlex
@@ -41,10 +40,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
+from bench_mnist import timed, version, write_outputs  # This script's directory is on sys.path.
 
-from bench_mnist import timed, version, write_outputs  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -92,16 +90,15 @@ def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], fl
     import jax
     from bn_repro import train
 
-    model = train.create_model(config)
+    setup = train.create_setup(config)
     size = config.data.image_size
-    kwargs = {}
-    if "steps_per_epoch" in inspect.signature(train.create_train_state).parameters:
-        kwargs["steps_per_epoch"] = IMAGENET_TRAIN_IMAGES // config.batch_size
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 3), **kwargs)
+    state = train.create_train_state(
+        jax.random.PRNGKey(0), config, setup.model, (size, size, 3), IMAGENET_TRAIN_IMAGES // config.batch_size
+    )
     variables = jax.tree.map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
     batch = jax.device_put({"image": batch_np["image"], "label": batch_np["label"]})
     rng = jax.random.PRNGKey(1)
-    step = train.make_streamed_step(config)
+    step = train.make_streamed_step(setup.layout)
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -121,7 +118,7 @@ def setup_torch(model, variables: dict, config, batch_np: dict, precision: str, 
                 ) -> Callable[[int], float]:
     """run(n) -> last loss of the eager PyTorch peer's training step."""
     import torch
-    from bn_repro.models.torch_bn_inception import load_flax_variables, peer_of
+    from torch_bn_inception import load_flax_variables, peer_of
 
     peer = peer_of(model)
     load_flax_variables(peer, variables)
@@ -188,7 +185,7 @@ def bench(precision: str, args: argparse.Namespace) -> list[dict]:
         torch.set_num_threads(os.cpu_count())
         tdev = "cuda" if torch.cuda.is_available() else "cpu"
         matmul_torch = matmul_gflops_torch(precision, args.matmul_size, args.repeats, tdev)
-        model = train.create_model(config)
+        model = train.create_setup(config).model
         layouts = {}
         for channels_last in (False, True):
             run_torch = setup_torch(model, variables, config, batch_np, precision, tdev, channels_last)
@@ -213,7 +210,7 @@ def bench(precision: str, args: argparse.Namespace) -> list[dict]:
 
 def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Namespace) -> str:
     import jax
-    from bn_repro.metrics import cpu_model
+    from bn_repro.run_records import cpu_model
 
     device = jax.devices()[0]
     lines = [
@@ -230,7 +227,7 @@ def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Names
         "(other processes share the machine)",
         f"- command: `{command}`",
         f"- config `{os.path.relpath(args.config.partition(':')[0], REPO)}:{args.config.partition(':')[2]}`; ours = the compiled `train.make_streamed_step`; torch = eager peer "
-        "(`bn_repro/models/torch_bn_inception.py`) with the same initial weights, SGD+momentum, L2 on weights; "
+        "(`benchmarks/torch_bn_inception.py`) with the same initial weights, SGD+momentum, L2 on weights; "
         f"one batch kept on the device; {args.warmup} warm-up steps excluded, median (min-max) of {args.repeats} "
         f"timed calls of {args.steps} step(s); FLOPs = XLA cost analysis of our compiled step, for both; "
         f"peak = the faster of JAX's and torch's {args.matmul_size}^3 matmul of the same dtype (best of "
@@ -291,7 +288,7 @@ def main(argv: list[str]) -> int:
     text = markdown(rows, command, time.perf_counter() - start, args)
     print(text)
     if args.output:
-        from bn_repro.metrics import environment_info
+        from bn_repro.run_records import environment_info
 
         record = {"command": command, "environment": environment_info(command), "torch": version("torch"), "rows": rows}
         write_outputs(args.output, text, record)

@@ -3,7 +3,7 @@
 For the 784-100-100-100-10 sigmoid MLP (batch 60, ``configs/mnist.py:bn`` and
 ``:baseline``) one run measures, per thread setting:
 
-* ours: steps/s of ``bn_repro.train.make_train_chunk`` (the real jitted lax.scan
+* ours: steps/s of ``bn_repro.mnist_experiment.make_train_chunk`` (the real jitted lax.scan
   sampling batches on the device) on synthetic uint8 data of MNIST's shape;
   compiled first, then the median of ``--repeats`` calls of ``--steps`` steps.
 * torch (optional): an eager PyTorch loop doing the identical step (init std,
@@ -20,7 +20,7 @@ runs each net); N = the first N cores, XLA's default threading,
 ``torch.set_num_threads(N)``. XLA flags must be set before jax is imported, so
 each setting runs in a child process of this script.
 
-    python scripts/bench_mnist.py --output results/bench/mnist_cpu.md
+    python benchmarks/bench_mnist.py --output results/bench/mnist_cpu.md
 """
 
 import argparse
@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
 NETS = ("baseline", "bn")
 MARKER = "BENCH_JSON "
@@ -64,12 +63,14 @@ def hand_flops(config, batch: int, input_dim: int = 784) -> int:
 def bench_ours(config, images, labels, steps: int, repeats: int) -> tuple[list[float], float]:
     """(steps/s of each call, compile + first call s) of make_train_chunk."""
     import jax
-    from bn_repro import train
+    from bn_repro import mnist_experiment, train
 
-    chunk = train.make_train_chunk(config)
-    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config), (28, 28))
+    setup = train.create_setup(config)
+    chunk = mnist_experiment.make_train_chunk(config, setup.layout)
+    steps_per_epoch = images.shape[0] // config.batch_size
+    state = train.create_train_state(jax.random.PRNGKey(0), config, setup.model, (28, 28), steps_per_epoch)
     rng = jax.random.PRNGKey(1)
-    holder = {"state": state, "order": train.no_epoch_order(images.shape[0]), "step": 0}
+    holder = {"state": state, "order": mnist_experiment.no_epoch_order(images.shape[0]), "step": 0}
 
     def run() -> None:
         holder["state"], holder["order"], losses = chunk(
@@ -149,7 +150,7 @@ def xla_flops(config) -> float:
     import jax.numpy as jnp
     from bn_repro import train
 
-    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_model(config), (784,))
+    state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_setup(config).model, (784,), 1000)
     batch = {"image": jnp.zeros((config.batch_size, 784), jnp.float32),
              "label": jnp.zeros((config.batch_size,), jnp.int32)}
     cost = jax.jit(train.train_step).lower(state, batch).compile().cost_analysis()
@@ -249,7 +250,7 @@ def version(package: str) -> str:
 
 
 def markdown(rows: list[dict], command: str, wall_s: float) -> str:
-    from bn_repro.metrics import cpu_model
+    from bn_repro.run_records import cpu_model
 
     cpu = cpu_model()
     lines = [
@@ -259,7 +260,7 @@ def markdown(rows: list[dict], command: str, wall_s: float) -> str:
         f"flax {version('flax')}, torch {version('torch')}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total run time {wall_s:.0f} s",
         f"- command: `{command}`",
-        "- ours = `train.make_train_chunk` (lax.scan on device); torch = eager PyTorch, same step; "
+        "- ours = `mnist_experiment.make_train_chunk` (lax.scan on device); torch = eager PyTorch, same step; "
         "median of repeats; ceiling = 1024^3 float32 matmul rate / XLA FLOPs of one `train_step`; "
         "matmul-only = the step's 7 matmuls alone at batch-60 shapes in a scan.", "",
     ]
