@@ -94,3 +94,13 @@ def small_mnist_dir(tmp_path_factory) -> str:
     _, parts = make_source(data_dir / "downloads" / "manual", seed=3, sizes=TRAINING_SIZES)
     mnist_data.prepare_mnist(str(data_dir), expected=source_checksums(parts))
     return str(data_dir)
+
+
+# The longest files first, so that pytest-xdist's workers (one file each at a
+# time, --dist loadfile) do not end with one long file running alone.
+SLOWEST_FIRST = ("test_imagenet_train.py", "test_parallel.py", "test_ensemble.py", "test_multihost.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
