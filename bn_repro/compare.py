@@ -109,14 +109,16 @@ def load_run_record(path: str) -> RunRecord:
         raise RunDirError(f"{path}: unreadable JSON ({error})") from error
     if config.get("experiment") not in ACCURACY_KEYS:
         raise RunDirError(f"{path}/config.json: unknown experiment {config.get('experiment')!r}")
-    if not isinstance(config.get("target_accuracy"), (int, float)):
-        raise RunDirError(f"{path}/config.json: no config.target_accuracy (written by an older version?)")
     return RunRecord(path, config, records, summary, started)
 
 
 def run_row(run: RunRecord, target: float | None = None) -> dict[str, Any]:
     """The run's line of the runs table (raw values, None where unknown); keys :data:`CSV_FIELDS`."""
-    target = run.config["target_accuracy"] if target is None else target
+    if target is None:
+        target = run.config.get("target_accuracy")
+        if not isinstance(target, (int, float)):
+            raise RunDirError(f"{run.path}/config.json: no config.target_accuracy (written by an older version?); "
+                              "give the target explicitly (--target)")
     key, summary, env = run.accuracy_key, run.summary or {}, run.environment
     curve = [(s, r[key], r.get("wall_time_s")) for s, r in sorted(run.evaluations().items())]
     reached = next(((s, t) for s, a, t in curve if a >= target), (None, None))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
+from bn_repro import image_data
 from bn_repro.image_data import ImageDataError, default_data_dir
 
 NAME = "imagenet2012"
@@ -59,8 +60,8 @@ def open_split(split: str, data_dir: str | None) -> Sequence[dict]:
     """
     data_dir = data_dir or default_data_dir()
     try:  # Not gated on is_prepared(): tfds.testing.mock_data serves unprepared datasets.
-        return tfds.data_source(NAME, split=split, data_dir=data_dir, download=False)
-    except Exception as error:  # NotImplementedError, AssertionError, DatasetNotFoundError, ...
+        return image_data.open_split(NAME, split, data_dir)
+    except ImageDataError as error:
         builder = tfds.builder(NAME, data_dir=data_dir)
         if builder.is_prepared():
             fmt = builder.info.file_format
@@ -70,7 +71,7 @@ def open_split(split: str, data_dir: str | None) -> Sequence[dict]:
                     f"without TensorFlow. Delete it and re-prepare with array_record "
                     f"(`{PREPARE_COMMAND.format(data_dir)}`), or use another data dir."
                 ) from error
-            raise ImagenetDataError(f"Cannot read {split!r} from {builder.data_dir}: {error}") from error
+            raise ImagenetDataError(f"Cannot read {split!r} from {builder.data_dir}: {error.__cause__}") from error
         check_manual_dir(manual_dir(data_dir))
         raise ImagenetDataError(
             f"ImageNet is not prepared in data dir {data_dir} (the tars are in place). Run "
