@@ -184,4 +184,5 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
         ),
         accuracy_keys=ACCURACY_KEYS,
         population_keys=("val_top1", "val_top5", "val_loss"),
+        compiled_init=True,
     )

@@ -45,6 +45,8 @@ class Experiment(NamedTuple):
     ``final_batch_stats(state)`` -> Algorithm 2's population statistics (a
     ``batch_stats`` tree). ``accuracy_keys[0]`` is the accuracy the summary is
     about; ``population_keys`` are recorded for the final model.
+    ``compiled_init``: the initial variables come from one compiled program (a
+    deep net: one compilation instead of one per op) rather than op by op.
     """
 
     input_shape: tuple[int, ...]
@@ -54,6 +56,7 @@ class Experiment(NamedTuple):
     final_batch_stats: Callable
     accuracy_keys: tuple[str, ...]
     population_keys: tuple[str, ...]
+    compiled_init: bool = False
 
 
 class Setup(NamedTuple):
@@ -192,9 +195,13 @@ def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) ->
 
 def create_train_state(
     rng: jax.Array, config: ml_collections.ConfigDict, model: nn.Module, input_shape: tuple[int, ...],
-    steps_per_epoch: int,
+    steps_per_epoch: int, compiled_init: bool = False,
 ) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    """The initial state. With ``compiled_init`` the variables come from one
+    compiled program; XLA may then round them differently from op-by-op
+    initialisation (the default)."""
+    init = jax.jit(model.init, static_argnames="train") if compiled_init else model.init
+    variables = init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -317,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
         run_records.write_json(config_path, config.to_dict())
         # Where and with what this run (or this resumption of it) runs, from its start.
         run_records.write_json(os.path.join(workdir, "environment.json"), run_records.environment_info(command))
-    state = create_train_state(init_rng, config, setup.model, experiment.input_shape, experiment.steps_per_epoch)
+    state = create_train_state(init_rng, config, setup.model, experiment.input_shape, experiment.steps_per_epoch,
+                               experiment.compiled_init)
     single_program = functools.partial(layout.single_program, program_apply_fn=setup.program_model.apply)
 
     manager = checkpoints.checkpoint_manager(workdir)

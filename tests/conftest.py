@@ -32,6 +32,25 @@ def subprocess_env(*xla_flags: str) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": " ".join([os.environ["XLA_FLAGS"], *xla_flags])}
 
 
+def metrics_lines(workdir) -> list[str]:
+    """The lines of ``workdir/metrics.jsonl`` as written (timings included)."""
+    return (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+
+
+def assert_resumed_from(workdir, lines_before: list[str], checkpoint_step: int) -> None:
+    """The run in ``workdir`` resumed from its checkpoint at ``checkpoint_step``
+    rather than starting over: the metrics lines up to that step are still the
+    ones written before the interruption, timings included (a restart from
+    step 0 rewrites every line, with new ``wall_time_s``), and later lines exist."""
+    import json
+
+    after = metrics_lines(workdir)
+    kept = [line for line in lines_before if json.loads(line)["step"] <= checkpoint_step]
+    assert kept and any("wall_time_s" in json.loads(line) for line in kept), "nothing before the checkpoint to compare"
+    assert after[: len(kept)] == kept, "records before the checkpoint were rewritten: the run did not resume"
+    assert len(after) > len(kept)
+
+
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
 import pickle  # noqa: E402
