@@ -115,11 +115,27 @@ def small_mnist_dir(tmp_path_factory) -> str:
     return str(data_dir)
 
 
-# The longest files first, so that pytest-xdist's workers (one file each at a
-# time, --dist loadfile) do not end with one long file running alone.
-SLOWEST_FIRST = ("test_imagenet_train.py", "test_parallel.py", "test_ensemble.py", "test_multihost.py", "test_models.py")
+@pytest.fixture(scope="session")
+def imagenet_runs(tmp_path_factory) -> dict:
+    """The training runs of ``tests/mock_imagenet_runs.py`` (about two minutes on
+    two cores): ``{"root": their parent directory, "errors": {name: exception or None}}``."""
+    import mock_imagenet_runs
+
+    root = tmp_path_factory.mktemp("imagenet_runs")
+    return {"root": root, "errors": mock_imagenet_runs.train_all(root)}
 
 
+# The longest files first, so that pytest-xdist's workers do not end with one
+# long file running alone. A file's tests go to one worker (so its module
+# fixtures run once); the files sharing the mock ImageNet runs go to the same one.
+SLOWEST_FIRST = ("test_imagenet_train.py", "test_ensemble.py", "test_parallel.py", "test_multihost.py", "test_models.py")
+SHARING_IMAGENET_RUNS = ("test_imagenet_train.py", "test_ensemble.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("imagenet_runs" if name in SHARING_IMAGENET_RUNS else name))

@@ -12,9 +12,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bn_repro import checkpoints, parallel, train
+from bn_repro import checkpoints, classification_experiment, parallel, train
 from bn_repro import run_records
 from bn_repro.batchnorm import BatchNorm
+from conftest import assert_resumed_from, metrics_lines
 from test_train import deterministic, small_config, train_interrupted_after
 
 pytestmark = pytest.mark.skipif(jax.device_count() != 8, reason="needs 8 devices: run through tests/test_parallel.py")
@@ -85,17 +86,55 @@ def test_virtual_batches_of_b_over_8_equal_per_device_statistics_on_8_devices():
         np.testing.assert_allclose(grads8[k][0], grads1[k], rtol=1e-4, atol=1e-4)
 
 
+def virtual_batch_norm_numpy(x, params, stats, group, momentum=0.9, epsilon=1e-5):
+    """Independent reference: each consecutive ``group`` examples normalised with
+    their own mean and biased variance; the moving averages move towards the
+    groups' mean moments."""
+    g = x.astype(np.float64).reshape((-1, group) + x.shape[1:])
+    mean, var = g.mean(axis=(1, 2, 3), keepdims=True), g.var(axis=(1, 2, 3), keepdims=True)
+    y = params["scale"] * (g - mean) / np.sqrt(var + epsilon) + params["bias"]
+    new_stats = {"mean": momentum * stats["mean"] + (1 - momentum) * mean.mean(axis=0).ravel(),
+                 "var": momentum * stats["var"] + (1 - momentum) * var.mean(axis=0).ravel()}
+    return y.reshape(x.shape), new_stats
+
+
 @pytest.mark.parametrize("group", [4, 16])  # within a device's 8 examples, and across devices
 @pytest.mark.parametrize("devices", [1, 2, 8])
 def test_virtual_batches_give_the_same_result_on_1_2_and_8_devices(devices, group):
     x, params, stats = bn_inputs()
     f, w = bn_train(BatchNorm(momentum=0.9, virtual_batch_size=group))
-    reference = jax.jit(f)(x, params, stats, w)  # on device 0
     mesh = Mesh(np.asarray(jax.devices()[:devices]), (AXIS,))
     sharded = NamedSharding(mesh, P(AXIS))
-    got = jax.jit(f)(jax.device_put(x, sharded), params, stats, jax.device_put(w, sharded))
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    y, new_stats, grads = jax.jit(f)(jax.device_put(x, sharded), params, stats, jax.device_put(w, sharded))
+    want_y, want_stats = virtual_batch_norm_numpy(x, params, stats, group)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(np.asarray(new_stats[k]), want_stats[k], rtol=1e-5, atol=1e-6)
+    if devices > 1:  # the gradients: as on one device
+        reference = jax.jit(f)(x, params, stats, w)[2]
+        for k in ("scale", "bias"):
+            np.testing.assert_allclose(np.asarray(grads[k]), np.asarray(reference[k]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loop, statistics, m", [
+    ("pmap", "global", 128), ("jit", "per_device", 16), ("pmap", "per_device", 16), ("pmap", "virtual", 8),
+])
+def test_algorithm_2_corrects_with_the_m_the_training_statistics_had(small_mnist_dir, loop, statistics, m):
+    """Algorithm 2 (in the single program that evaluates and saves the model) sees
+    each whole batch of 128; its variance correction m/(m-1) must use the m of
+    the mini-batches training normalised over: 128 (global), 16 per device, or
+    virtual batches of 8. Checked at the first BN layer against numpy's
+    unbiased variance over those groups, averaged over 3 batches."""
+    config = mnist_config(small_mnist_dir, parallel=loop, **{"bn.statistics": statistics, "bn.virtual_batch_size": 8})
+    setup = train.create_setup(config)
+    state = train.create_train_state(jax.random.PRNGKey(0), config, setup.program_model, (28, 28), 1)
+    images = np.random.default_rng(0).integers(0, 2, (3, 128, 28, 28)).astype(np.float32)
+    stats = classification_experiment.population_stats_from_stream(
+        state, ({"image": jnp.asarray(b)} for b in images), jax.random.PRNGKey(1))
+    h = images.reshape(3, 128, 784).astype(np.float64) @ np.asarray(state.params["hidden0"]["kernel"], np.float64)
+    groups = h.reshape(3, 128 // m, m, -1)
+    np.testing.assert_allclose(stats["bn0"]["var"], groups.var(axis=2, ddof=1).mean(axis=(0, 1)), rtol=2e-4)
+    np.testing.assert_allclose(stats["bn0"]["mean"], h.mean(axis=(0, 1)), rtol=1e-4, atol=1e-6)
 
 
 # The real training loop (MNIST MLP with BN, batch 128 = 8 devices x 16) in both
@@ -129,34 +168,43 @@ def assert_runs_close(workdirs, configs):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def trained(small_mnist_dir, tmp_path_factory):
+    """``trained(loop, statistics, on_device)`` -> (workdir, config) of that run, trained once per module."""
+    root, done = tmp_path_factory.mktemp("runs"), {}
+
+    def run(loop: str, statistics: str, on_device: bool = True):
+        name = f"{loop}_{statistics}_{on_device}"
+        config = mnist_config(small_mnist_dir, parallel=loop, **{"bn.statistics": statistics,
+                                                                "bn.virtual_batch_size": 8, "data.on_device": on_device})
+        if name not in done:
+            train.train_and_evaluate(config, str(root / name))
+            done[name] = root / name
+        return done[name], config
+
+    return run
+
+
 @pytest.mark.parametrize("statistics", ["global", "per_device", "virtual"])
 @pytest.mark.parametrize("on_device", [True, False])
-def test_jit_and_pmap_loops_train_the_same(small_mnist_dir, tmp_path, statistics, on_device):
-    configs = [
-        mnist_config(small_mnist_dir, parallel=loop, **{"bn.statistics": statistics, "bn.virtual_batch_size": 8,
-                                                        "data.on_device": on_device})
-        for loop in ("jit", "pmap")
-    ]
-    workdirs = [tmp_path / "jit", tmp_path / "pmap"]
-    for config, workdir in zip(configs, workdirs):
-        train.train_and_evaluate(config, str(workdir))
+def test_jit_and_pmap_loops_train_the_same(trained, statistics, on_device):
+    workdirs, configs = zip(*(trained(loop, statistics, on_device) for loop in ("jit", "pmap")))
     assert_runs_close(workdirs, configs)
 
 
-def test_per_device_statistics_differ_from_global(small_mnist_dir, tmp_path):
+def test_per_device_statistics_differ_from_global(trained):
     """The modes are not the same computation (else the tests above prove nothing)."""
-    for mode in ("global", "per_device"):
-        train.train_and_evaluate(mnist_config(small_mnist_dir, **{"bn.statistics": mode}), str(tmp_path / mode))
-    a, b = (final_variables(tmp_path / m, mnist_config(small_mnist_dir)) for m in ("global", "per_device"))
+    a, b = (final_variables(*trained("jit", mode)) for mode in ("global", "per_device"))
     assert not np.allclose(a["batch_stats"]["bn0"]["var"], b["batch_stats"]["bn0"]["var"], rtol=1e-3)
 
 
 @pytest.mark.parametrize("loop", ["jit", "pmap"])
-def test_resume_after_interruption_in_both_loops(small_mnist_dir, tmp_path, monkeypatch, loop):
-    config = mnist_config(small_mnist_dir, parallel=loop, **{"bn.statistics": "per_device"})
-    train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
-    train_interrupted_after(config, tmp_path / "resumed", 40, monkeypatch)  # the last checkpoint: 20
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    want = deterministic(run_records.read_metrics(str(tmp_path / "uninterrupted" / "metrics.jsonl")))
-    got = deterministic(run_records.read_metrics(str(tmp_path / "resumed" / "metrics.jsonl")))
+def test_resume_after_interruption_in_both_loops(trained, tmp_path, monkeypatch, loop):
+    uninterrupted, config = trained(loop, "per_device")
+    train_interrupted_after(config, tmp_path, 40, monkeypatch)  # the last checkpoint: 20
+    before = metrics_lines(tmp_path)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert_resumed_from(tmp_path, before, checkpoint_step=20)
+    want = deterministic(run_records.read_metrics(str(uninterrupted / "metrics.jsonl")))
+    got = deterministic(run_records.read_metrics(str(tmp_path / "metrics.jsonl")))
     assert got == want

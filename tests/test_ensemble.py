@@ -1,10 +1,11 @@
 """Figure 4's multi-crop and ensemble evaluation (bn_repro.ensemble, Sec. 4.2.3).
 
-A small run (bn_x5:small) trains through the real entry point on TFDS's mock
-imagenet2012 (``tests/mock_imagenet_main.py``, in a subprocess); it is
-evaluated here under the same mock, whose examples are a function of split and
-index, so on the data its training evaluated. A second ensemble member is a
-copy of that run with its final model's parameters perturbed (training a
+The bn_x5:small run of the shared mock ImageNet runs (``imagenet_runs``,
+trained through the entry point's training on TFDS's mock imagenet2012:
+checkpoints at steps 2 and 4, then the final model with population statistics)
+is evaluated here under the same mock, whose examples are a function of split
+and index, so on the data its training evaluated. A second ensemble member is
+a copy of that run with its final model's parameters perturbed (training a
 second network would double the test's time).
 """
 
@@ -22,16 +23,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bn_repro import checkpoints, ensemble, imagenet_data
+from bn_repro import checkpoints, ensemble, imagenet_data, imagenet_preprocessing
 from bn_repro import image_data, run_records
 from conftest import subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "imagenet.py")
-MOCK_MAIN = os.path.join(REPO, "tests", "mock_imagenet_main.py")
+from mock_imagenet_runs import NUM_EXAMPLES, REPO  # batches of 8 (the last padded) or 3 (144 crops)
+
 MOCK_SCRIPT = os.path.join(REPO, "tests", "mock_imagenet_script.py")
-NUM_EXAMPLES = 20  # per split; batches of 8 (the last padded) or 3 (144 crops).
-# Less LLVM optimisation: XLA's CPU compile time dominates these tiny runs.
 ENV = subprocess_env()  # (XLA at a low optimisation level: conftest.py)
 
 
@@ -42,13 +40,13 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory) -> dict[str, str]:
-    """"a": trained 2 steps (checkpoint and evaluation at step 2, then the final
-    model with population statistics); "b": a's copy, final parameters perturbed."""
+def workdirs(imagenet_runs, tmp_path_factory) -> dict[str, str]:
+    """"a": a copy of the bn_x5 run; "b": a's copy, final parameters perturbed."""
+    if imagenet_runs["errors"]["bn_x5"] is not None:
+        raise imagenet_runs["errors"]["bn_x5"]
     root = tmp_path_factory.mktemp("ensemble_runs")
     a, b = str(root / "a"), str(root / "b")
-    run([sys.executable, MOCK_MAIN, str(NUM_EXAMPLES), f"--config={CONFIG}:bn_x5:small", f"--workdir={a}",
-         "--config.data.data_dir=/nonexistent/tfds", "--config.num_steps=2", "--config.checkpoint_every=2"])
+    shutil.copytree(imagenet_runs["root"] / "bn_x5", a)
     shutil.copytree(a, b)
     variables = ensemble.load_trained_model(b).variables
     leaves, treedef = jax.tree.flatten(variables["params"])
@@ -91,18 +89,27 @@ def test_central_crop_reproduces_the_runs_own_evaluation(workdirs, runs):
     assert at_step_2["loss"] != pytest.approx(final["loss"], rel=1e-3)  # Different BN statistics.
 
 
-def test_ensemble_of_a_run_with_itself_is_the_run(runs):
+def test_one_run_gives_the_softmax_of_its_logits_on_each_central_crop(runs):
+    """Against the network applied here to each example's own central crop."""
     alone, labels = probabilities([runs["a"]])
-    twice, labels_twice = probabilities([runs["a"], runs["a"]])
+    source = imagenet_data.open_split("validation", None)
+    size, fraction = runs["a"].config.data.image_size, runs["a"].config.data.crop_fraction
+    images = np.stack([imagenet_preprocessing.eval_image(source[i]["image"], size, fraction)
+                       for i in range(NUM_EXAMPLES)])
+    apply = jax.jit(runs["a"].model.apply, static_argnames="train")
+    logits = np.asarray(apply(runs["a"].variables, images, train=False), np.float64)
+    expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(alone, expected / expected.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-7)
+    np.testing.assert_array_equal(labels, [source[i]["label"] for i in range(NUM_EXAMPLES)])
+    twice, _ = probabilities([runs["a"], runs["a"]])
     np.testing.assert_allclose(twice, alone, rtol=1e-6)
-    np.testing.assert_array_equal(labels_twice, labels)
 
 
 def test_two_run_ensemble_averages_the_probabilities(runs):
     p_a, labels = probabilities([runs["a"]])
     p_b, _ = probabilities([runs["b"]])
     p_ab, labels_ab = probabilities([runs["a"], runs["b"]])
-    assert not np.allclose(p_a, p_b, rtol=1e-3)  # Different seeds, different networks.
+    assert not np.allclose(p_a, p_b, rtol=1e-3)  # b's parameters are perturbed: a different network.
     np.testing.assert_allclose(p_ab, (p_a + p_b) / 2, rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(labels_ab, labels)
     # evaluate() scores those probabilities.
@@ -144,7 +151,7 @@ def test_classification_metrics():
 def test_errors_name_the_problem(workdirs, runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         ensemble.load_trained_model(str(tmp_path / "nothing"))
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 .*\[2\]"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 .*\[2, 4\]"):
         ensemble.load_trained_model(workdirs["a"], step=3)
     other = dataclasses.replace(runs["b"], config=runs["b"].config.copy_and_resolve_references())
     other.config.model.num_classes = 10

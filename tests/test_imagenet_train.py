@@ -1,123 +1,50 @@
-"""The paper's ImageNet variants train through the real training path and pipeline.
+"""The ImageNet experiments train through the real training path and pipeline.
 
-Each variant trains at the ``:small`` size on TFDS's mock imagenet2012. To
-share start-up and compiled programs, the runs go in two groups, each one
-process (``tests/mock_imagenet_runs.py``: the entry point's training, after
-its flag parsing) on its own core; the resume test then reruns a copy of the
-bn_x5 run through the entry point itself (``tests/mock_imagenet_main.py``).
-They start when the first test needs them.
+The runs (``tests/mock_imagenet_runs.py``, the session fixture ``imagenet_runs``)
+train ``:small`` variants on TFDS's mock imagenet2012 through the entry point's
+training, in two processes side by side; a copy of one is interrupted and
+resumed through the entry point itself.
 """
 
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import jax.extend
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bn_repro import run_records
-from conftest import subprocess_env
+from bn_repro import main, run_records, train
+from conftest import assert_resumed_from, metrics_lines
+from mock_imagenet_runs import CONFIG, NUM_EXAMPLES, RESUMED, RESUMED_FROM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "imagenet.py")
-MOCK_MAIN = os.path.join(REPO, "tests", "mock_imagenet_main.py")
-NUM_EXAMPLES = 20  # per split; 20 validation examples in batches of 8: the last is padded.
-VARIANTS = (
-    "inception", "bn_baseline", "bn_x5", "bn_x30", "bn_x5_sigmoid", "inception_x5", "inception_sigmoid", "googlenet",
-)
-# A tiny net makes small steps: it needs a larger base rate (x5 -> 5.0) to reach
-# machine infinity within a few steps, as the full-size net does at 0.0075.
-DIVERGING = ["--config.learning_rate=1.0", "--config.num_steps=20", "--config.eval_every=10",
-             "--config.checkpoint_every=20"]
-# XLA's CPU compile time dominates these tiny runs: conftest.py lowers XLA's
-# optimisation level and shares a compilation cache with the subprocesses.
-ENV = subprocess_env()
+TRAINED = ("bn_baseline", "bn_x5", "inception", "googlenet", "workers")
 
 
-MOCK_RUNS = os.path.join(REPO, "tests", "mock_imagenet_runs.py")
-
-
-def run_group(root, jobs: dict[str, tuple[str, ...]]) -> None:
-    """Runs ``{name: (variant, *overrides)}`` one after the other in one process,
-    each in ``root/name``; a failed run leaves ``root/name/error.txt``."""
-    spec = [[str(root / name), f"{CONFIG}:{variant}:small", ["--config.data.data_dir=/nonexistent/tfds", *overrides]]
-            for name, (variant, *overrides) in jobs.items()]
-    jobs_path = root / f"jobs_{next(iter(jobs))}.json"
-    jobs_path.write_text(json.dumps(spec))
-    subprocess.run([sys.executable, MOCK_RUNS, str(NUM_EXAMPLES), str(jobs_path)], capture_output=True, text=True,
-                   env=ENV, cwd=REPO)
-
-
-def run_main(workdir: str, variant: str, *overrides: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, MOCK_MAIN, str(NUM_EXAMPLES), f"--config={CONFIG}:{variant}:small",
-        f"--workdir={workdir}", "--config.data.data_dir=/nonexistent/tfds", *overrides,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def resumed_run(root) -> None:
-    """The bn_x5 run (4 steps, checkpoints at 2 and 4) again, as if it had crashed just
-    before the checkpoint at step 4 was written: a copy without that checkpoint, run
-    again with the same command through the entry point."""
-    workdir = str(root / "resumed")
-    shutil.copytree(root / "bn_x5", workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
-    run_main(workdir, "bn_x5", *RESUMABLE)
-
-
-def group_then_resume(root, group: dict) -> None:
-    run_group(root, group)
-    resumed_run(root)
-
-
-# bn_x5 checkpoints at steps 2 and 4, so that the resume test can start from 2.
-RESUMABLE = ("--config.checkpoint_every=2",)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagenet_runs")
-    groups = [  # about equal work each; same-width nets in a group share compiled programs
-        {"bn_x5": ("bn_x5", *RESUMABLE), "bn_x30": ("bn_x30", "--config.data.num_workers=2"),
-         "bfloat16": ("bn_x5", "--config.model.dtype=bfloat16")},
-        {"inception": ("inception",), "inception_sigmoid": ("inception_sigmoid",), "diverging": ("inception_x5", *DIVERGING),
-         "inception_x5": ("inception_x5",), "googlenet": ("googlenet",), "bn_x5_sigmoid": ("bn_x5_sigmoid",),
-         "bn_baseline": ("bn_baseline",)},
-    ]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(group_then_resume, root, groups[0]), pool.submit(run_group, root, groups[1])]
-        errors = {"resumed": futures[0].exception()}
-    for name in (n for group in groups for n in group):
-        error = root / name / "error.txt"
-        errors[name] = AssertionError(error.read_text()) if error.exists() else None
-        if not (root / name / "summary.json").exists() and errors[name] is None:
-            errors[name] = AssertionError(f"run {name} wrote no summary.json (its group's process died?)")
-    return {"root": root, "errors": errors}
-
-
-def load_run(runs, name: str) -> tuple[list[dict], dict, dict]:
-    if runs["errors"][name] is not None:
-        raise runs["errors"][name]
-    workdir = runs["root"] / name
-    with open(workdir / "summary.json") as f:
-        summary = json.load(f)
-    with open(workdir / "config.json") as f:
-        config = json.load(f)
+def load_run(imagenet_runs, name: str) -> tuple[list[dict], dict, dict]:
+    if imagenet_runs["errors"][name] is not None:
+        raise imagenet_runs["errors"][name]
+    workdir = imagenet_runs["root"] / name
+    summary = json.loads((workdir / "summary.json").read_text())
+    config = json.loads((workdir / "config.json").read_text())
     return run_records.read_metrics(str(workdir / "metrics.jsonl")), summary, config
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_trains_with_finite_loss(runs, variant):
-    records, summary, config = load_run(runs, variant)
+def final_model(imagenet_runs, name: str) -> dict:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(imagenet_runs["root"] / name / "final_model")
+
+
+def deterministic(records):
+    return [{k: v for k, v in r.items() if k not in run_records.TIMING_KEYS} for r in records]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_run_trains_evaluates_and_saves_its_final_model(imagenet_runs, name):
+    records, summary, config = load_run(imagenet_runs, name)
     evaluations = [r for r in records if "val_top1" in r]
     assert [r["step"] for r in evaluations] == [2, 4]
     for r in evaluations:
@@ -129,47 +56,80 @@ def test_variant_trains_with_finite_loss(runs, variant):
     assert "diverged" not in summary
     assert summary["final_val_top1"] == evaluations[-1]["val_top1"]
     assert summary["environment"]["command"].startswith("python -m bn_repro.main")
-    assert config["variant"] == f"{variant}:small"
-    final_model = runs["root"] / variant / "final_model"
-    assert final_model.is_dir()
+    variables = final_model(imagenet_runs, name)
     after = [r for r in records if r.get(run_records.AFTER_TRAINING)]
-    if config["model"]["use_bn"]:  # Algorithm 2 before the final evaluation.
+    if config["model"]["use_bn"]:  # Algorithm 2 before the final evaluation, saved with the model.
         assert len(after) == 1 and math.isfinite(after[0]["val_loss_population_stats"])
         assert summary["final_val_top1_population_stats"] == after[0]["val_top1_population_stats"]
+        assert jax.tree.leaves(variables["batch_stats"])
     else:
-        assert after == []
+        assert after == [] and not jax.tree.leaves(variables.get("batch_stats", {}))
 
 
-def test_inception_x5_diverges_and_is_recorded(runs):
-    records, summary, _ = load_run(runs, "diverging")
+def test_googlenet_trains_with_its_auxiliary_classifiers(imagenet_runs):
+    _, _, config = load_run(imagenet_runs, "googlenet")
+    assert config["model"]["architecture"] == "googlenet" and config["model"]["aux_heads"] is True
+    params = final_model(imagenet_runs, "googlenet")["params"]
+    assert {"aux_4a", "aux_4d"} <= set(params)
+
+
+def test_inception_x5_diverges_and_is_recorded(imagenet_runs):
+    records, summary, _ = load_run(imagenet_runs, "diverging")
     assert records[-1]["diverged"] is True
     assert summary["diverged"] is True and summary["diverged_at_step"] == records[-1]["step"] <= 20
-    assert not (runs["root"] / "diverging" / "final_model").exists()
+    assert not (imagenet_runs["root"] / "diverging" / "final_model").exists()
 
 
-def test_worker_processes_train(runs):  # the bn_x30 run decodes in 2 grain worker processes
-    records, summary, config = load_run(runs, "bn_x30")
+def test_grain_worker_processes_give_the_same_run(imagenet_runs):
+    """2 decoding processes instead of none: the same batches, so the same run."""
+    records, _, config = load_run(imagenet_runs, "workers")
+    reference, _, _ = load_run(imagenet_runs, "bn_baseline")
     assert config["data"]["num_workers"] == 2
-    assert summary["final_step"] == 4 and all(math.isfinite(r.get("train_loss", 0.0)) for r in records)
+    assert deterministic(records) == deterministic(reference)
+    for a, b in zip(jax.tree.leaves(final_model(imagenet_runs, "workers")),
+                    jax.tree.leaves(final_model(imagenet_runs, "bn_baseline"))):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_resume_gives_identical_metrics(runs):
-    load_run(runs, "resumed")
-    resumed = run_records.read_metrics(str(runs["root"] / "resumed" / "metrics.jsonl"))
-    uninterrupted = run_records.read_metrics(str(runs["root"] / "bn_x5" / "metrics.jsonl"))
+def test_resume_continues_from_the_checkpoint_and_gives_the_same_run(imagenet_runs):
+    """bn_baseline has dropout (0.4): equal losses after the resume also mean
+    the resumed steps drew the masks the uninterrupted run drew."""
+    records, summary, config = load_run(imagenet_runs, RESUMED)
+    reference, reference_summary, _ = load_run(imagenet_runs, RESUMED_FROM)
+    assert config["model"]["dropout_rate"] > 0
+    workdir = imagenet_runs["root"] / RESUMED
+    before = (workdir / "metrics_before_resume.jsonl").read_text().splitlines()
+    assert_resumed_from(workdir, before, checkpoint_step=2)
+    assert deterministic(records) == deterministic(reference)
+    assert summary["final_val_top1_population_stats"] == reference_summary["final_val_top1_population_stats"]
+    for a, b in zip(jax.tree.leaves(final_model(imagenet_runs, RESUMED)),
+                    jax.tree.leaves(final_model(imagenet_runs, RESUMED_FROM))):
+        np.testing.assert_array_equal(a, b)
+    assert len(metrics_lines(workdir)) == len(reference)  # no line written twice
 
-    def deterministic(records):
-        return [{k: v for k, v in r.items() if k not in run_records.TIMING_KEYS} for r in records]
 
-    assert [r["step"] for r in resumed if "val_top1" in r] == [2, 4]
-    assert deterministic(resumed) == deterministic(uninterrupted)
+def test_bfloat16_step_computes_in_bfloat16_and_keeps_float32_parameters_and_statistics():
+    """Traced, not run: the training step of bn_x5:small with model.dtype=bfloat16."""
+    config = main.load_config(f"{CONFIG}:bn_x5:small", ["--config.model.dtype=bfloat16"])
+    setup = train.create_setup(config)
+    size = config.data.image_size
+    state = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), config, setup.model,
+                                                            (size, size, 3), 10))
+    batch = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+    step = lambda state, batch: train.train_step(state, batch)  # noqa: E731
+    new_state, step_metrics = jax.eval_shape(step, state, batch)
+    for tree in (new_state.params, new_state.batch_stats, state.params, state.batch_stats):
+        assert tree and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(tree))
+    assert step_metrics["loss"].dtype == jnp.float32
+    jaxpr = jax.make_jaxpr(step)(state, batch)
+    conv_dtypes = {eqn.invars[0].aval.dtype for eqn in iter_eqns(jaxpr.jaxpr) if eqn.primitive.name == "conv_general_dilated"}
+    assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
-
-def test_bfloat16_computation_keeps_float32_parameters_and_statistics(runs):
-    records, summary, _ = load_run(runs, "bfloat16")
-    assert summary["final_step"] == 4 and math.isfinite(records[-2]["train_loss"])
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(runs["root"] / "bfloat16" / "final_model")
-    leaves = jax.tree.leaves(variables)
-    assert leaves and all(np.asarray(x).dtype == np.float32 for x in leaves)
+def iter_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it (jit, custom_vjp, scan...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from iter_eqns(sub)

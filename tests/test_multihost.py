@@ -15,7 +15,7 @@ import numpy as np
 
 from bn_repro import run_records
 from test_train import deterministic
-from conftest import subprocess_env
+from conftest import assert_resumed_from, metrics_lines, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,9 +65,11 @@ def test_two_processes_match_one_process_and_resume(small_mnist_dir, tmp_path):
         for key in w:
             np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
-    # Interrupted after step 75: drop the checkpoint at 100 and the records after 50; both resume from 50.
+    # As if interrupted before the checkpoint at 100 was written: both processes resume from 50.
     shutil.rmtree(multi / "checkpoints" / "100")
+    before = metrics_lines(multi)
     run_two_processes(multi, small_mnist_dir)
+    assert_resumed_from(multi, before, checkpoint_step=50)
     resumed = deterministic(run_records.read_metrics(str(multi / "metrics.jsonl")))
     assert resumed == got
     records = run_records.read_metrics(str(multi / "metrics.jsonl"))  # one writer: no duplicated lines

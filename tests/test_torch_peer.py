@@ -9,17 +9,16 @@ mode is not an identity BN) the logits agree in eval mode and in training mode
 import jax
 import numpy as np
 import pytest
+import torch  # in the test extra: this test never skips
 
-torch = pytest.importorskip("torch")
-
-from bn_repro.models.bn_inception import BNInception  # noqa: E402
-from torch_bn_inception import (  # noqa: E402  (benchmarks/, on pytest's pythonpath)
+from bn_repro.models.bn_inception import BNInception
+from torch_bn_inception import (  # benchmarks/, on pytest's pythonpath
     avg_pool_same,
     load_flax_variables,
     max_pool_same,
     peer_of,
 )
-from bn_repro.models.layers import avg_pool, max_pool  # noqa: E402
+from bn_repro.models.layers import avg_pool, max_pool
 
 SETTINGS = dict(width=0.125, num_classes=10)
 
