@@ -37,7 +37,8 @@ def test_summary_of_a_run():
         "final_test_accuracy": 0.95,
         "best_test_accuracy": 0.95,
         "best_step": 300,  # 0.95 again at 500: the first time counts
-        "test_accuracy_at": {"200": 0.80, "250": None, "500": 0.95, "1000": None},  # 250: no evaluation; 1000: after the run
+        # 250: no evaluation at that step; 1000: beyond the run
+        "test_accuracy_at": {"200": 0.80, "250": None, "500": 0.95, "1000": None},
         "steps_to": {"0.5": 100, "0.8": 200, "0.94": 300, "0.96": None},  # reached exactly counts; 0.96 never
     }
 
