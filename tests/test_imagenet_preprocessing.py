@@ -48,15 +48,85 @@ def test_zero_distortion_strength_changes_no_colour():
     assert not np.allclose(distorted, image) and distorted.min() >= 0 and distorted.max() <= 1
 
 
-def test_eval_image_is_the_central_crop_after_resizing_the_shorter_side():
-    # A 512x640 image whose columns encode their x position: after resizing the
-    # shorter side to 256 (640 -> 320), the central 224 columns are 48..271 of 320.
-    x = np.tile(np.linspace(0, 255, 640).astype(np.uint8)[None, :, None], (512, 1, 3))
-    out = prep.eval_image(x)
-    assert out.shape == (224, 224, 3)
-    centre_column = (out[112, 112, 0] + 1.0) * 127.5
-    assert abs(centre_column - 127.5) < 2.0
-    np.testing.assert_allclose(out, prep.eval_image(x))
+def brightness_and_contrast(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """For a grey image (saturation changes nothing): the brightness shift is the
+    change of the mean, the contrast factor the ratio of standard deviations."""
+    return float(after.mean() - before.mean()), float(after.std() / before.std())
+
+
+GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])
+
+
+def saturation(before: np.ndarray, after: np.ndarray) -> float:
+    """The saturation factor: the colour's distance from grey grows by contrast x
+    saturation, the grey level's spread by contrast alone."""
+    grey_b, grey_a = before @ GREY_WEIGHTS, after @ GREY_WEIGHTS
+    chroma = np.linalg.norm(after - grey_a[..., None]) / np.linalg.norm(before - grey_b[..., None])
+    return float(chroma / (grey_a.std() / grey_b.std()))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_distortion_strength_scales_brightness_contrast_and_saturation(seed):
+    """Sec. 4.2.1 item 7 ("reduce the photometric distortions"): with the same
+    random draws, strength s gives s times strength 1's brightness shift and
+    contrast and saturation changes (factor 1 + s * (factor_1 - 1)); 0 gives none."""
+    rng = np.random.default_rng(100 + seed)
+    grey = np.repeat(rng.uniform(0.4, 0.6, (16, 16, 1)), 3, axis=-1).astype(np.float32)
+    colour = rng.uniform(0.4, 0.6, (16, 16, 3)).astype(np.float32)
+    strengths = (0.25, 0.5, 1.0)
+    grey_out = {s: prep.distort_colors(grey, np.random.default_rng(seed), s) for s in strengths}
+    colour_out = {s: prep.distort_colors(colour, np.random.default_rng(seed), s) for s in strengths}
+    for out in (*grey_out.values(), *colour_out.values()):
+        assert 0.0 < out.min() and out.max() < 1.0  # nothing clipped: the factors are exact
+    b1, c1 = brightness_and_contrast(grey, grey_out[1.0])
+    s1 = saturation(colour, colour_out[1.0])
+    assert abs(b1) <= 32 / 255 + 1e-6 and 0.5 - 1e-4 <= c1 <= 1.5 + 1e-4 and 0.5 - 1e-4 <= s1 <= 1.5 + 1e-4
+    for s in strengths[:-1]:
+        b, c = brightness_and_contrast(grey, grey_out[s])
+        assert b == pytest.approx(s * b1, abs=2e-6)
+        assert c - 1 == pytest.approx(s * (c1 - 1), abs=2e-5)
+        assert saturation(colour, colour_out[s]) - 1 == pytest.approx(s * (s1 - 1), abs=2e-4)
+    changes = [np.abs(colour_out[s] - colour).mean() for s in strengths]
+    assert 0 < changes[0] <= changes[1] <= changes[2]
+
+
+def test_training_crop_is_flipped_half_of_the_time():
+    """GoogLeNet's recipe: a random horizontal flip with probability 1/2. Red
+    grows from left to right in the image, so it does in every unflipped crop."""
+    image = gradient_image(64, 64)
+    draws = 400
+    flipped = 0
+    for seed in range(draws):
+        crop = prep.train_image(image, np.random.default_rng(seed), size=8, distortion_strength=0.0)
+        left, right = crop[:, 0, 0].mean(), crop[:, -1, 0].mean()
+        assert left != right
+        flipped += bool(left > right)
+    # Binomial(400, 1/2): sd 10; never or always flipping is 20 sd away.
+    assert 160 <= flipped <= 240
+
+
+@pytest.mark.parametrize(
+    "height, width, size, crop_fraction, resized",
+    [
+        (512, 640, 224, 0.875, (256, 320)),  # shorter side 224 / 0.875 = 256
+        (375, 500, 224, 0.875, (256, 341)),
+        (600, 300, 224, 0.875, (512, 256)),  # portrait
+        (224, 224, 224, 0.875, (256, 256)),  # upsampled
+        (60, 90, 32, 0.8, (40, 60)),
+        (90, 60, 32, 1.0, (48, 32)),  # crop_fraction 1: the whole shorter side
+    ],
+)
+def test_eval_image_is_the_central_crop_after_resizing_the_shorter_side(height, width, size, crop_fraction, resized):
+    """Sec. 4.2's single crop: the shorter side resized to size / crop_fraction,
+    then the central size x size crop; against PIL's resize and slicing."""
+    image = gradient_image(height, width, seed=height + width)
+    out = prep.eval_image(image, size=size, crop_fraction=crop_fraction)
+    assert out.shape == (size, size, 3) and out.dtype == np.float32
+    assert out.min() >= -1.0 and out.max() <= 1.0
+    h, w = resized
+    top, left = (h - size) // 2, (w - size) // 2
+    expected = pil_resize(image, h, w)[top : top + size, left : left + size]
+    np.testing.assert_array_equal(as_uint8(out), expected)
 
 
 # GoogLeNet's 144 crops (Sec. 4.2.3). Crop k: scale k // 36, square k // 12 % 3,
