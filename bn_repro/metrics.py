@@ -5,9 +5,12 @@ accuracies (the paper's Figure 1 and Figure 3 readings), and divergence."""
 import math
 from collections.abc import Sequence
 
+from bn_repro.run_records import AFTER_TRAINING
+
 
 def accuracy_curve(records: Sequence[dict], key: str = "test_accuracy") -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in records if key in r]
+    """(step, accuracy) of every evaluation during training (not the final model's)."""
+    return [(r["step"], r[key]) for r in records if key in r and not r.get(AFTER_TRAINING)]
 
 
 def summarize_accuracy(

@@ -124,9 +124,12 @@ def percentile_drift(records: list[dict]) -> dict:
     """How much the tracked sigmoid input's distribution moves (Figure 1(b, c)).
 
     The 15th/50th/85th percentiles at the first evaluation, at 1k steps and at
-    the end, and the range (max - min) of the median from 1k steps on.
+    the end, and the range (max - min) of the median from 1k steps on;
+    empty for a run without any evaluation.
     """
     evals = [r for r in records if "sigmoid_input_p50" in r]
+    if not evals:  # e.g. diverged before its first evaluation
+        return {}
     keys = plots.PERCENTILE_KEYS
     at = lambda r: {k.rsplit("_", 1)[1]: r[k] for k in keys}  # noqa: E731
     later = [r["sigmoid_input_p50"] for r in evals if r["step"] >= 1000]

@@ -128,7 +128,8 @@ def imagenet_runs(tmp_path_factory) -> dict:
 # The longest files first, so that pytest-xdist's workers do not end with one
 # long file running alone. A file's tests go to one worker (so its module
 # fixtures run once); the files sharing the mock ImageNet runs go to the same one.
-SLOWEST_FIRST = ("test_imagenet_train.py", "test_ensemble.py", "test_parallel.py", "test_multihost.py", "test_models.py")
+SLOWEST_FIRST = ("test_imagenet_train.py", "test_ensemble.py", "test_parallel.py", "test_train.py", "test_multihost.py",
+                 "test_torch_peer.py")
 SHARING_IMAGENET_RUNS = ("test_imagenet_train.py", "test_ensemble.py")
 
 

@@ -50,6 +50,9 @@ def test_records_after_training_and_without_accuracy_change_nothing():
     args = dict(key=KEY, milestones=(500,), targets=(0.97,))
     assert metrics.summarize_accuracy(RUN, **args) == metrics.summarize_accuracy(training_only, **args)
     assert metrics.summarize_accuracy(RUN, **args)["steps_to"] == {"0.97": None}
+    # Even if an after-training record carried the evaluation's own key.
+    relabelled = RUN + [{"step": 500, AFTER_TRAINING: True, KEY: 0.99}]
+    assert metrics.summarize_accuracy(relabelled, **args) == metrics.summarize_accuracy(training_only, **args)
     diverged = RUN[:3] + [{"step": 357, "diverged": True}]
     summary = metrics.summarize_accuracy(diverged, KEY, milestones=(300, 357), targets=(0.9,))
     assert summary["final_step"] == 300 and summary["final_test_accuracy"] == 0.95
