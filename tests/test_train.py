@@ -9,9 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from bn_repro import checkpoints, train
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from bn_repro import checkpoints, mnist_data, train
 from bn_repro import mnist_experiment, run_records
 from bn_repro.main import load_config
+from conftest import assert_resumed_from, metrics_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "mnist.py")
@@ -53,8 +57,22 @@ def train_interrupted_after(config, workdir, step: int, monkeypatch) -> None:
     monkeypatch.setattr(run_records, "append_metrics", append)
 
 
+def restore_checkpoint(workdir, config, step: int):
+    """The training state checkpointed at ``step`` in ``workdir``, read with orbax directly."""
+    model = train.create_setup(config).program_model
+    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (28, 28), 1)
+    manager = checkpoints.checkpoint_manager(str(workdir))
+    try:
+        assert manager.latest_step() == step
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    finally:
+        manager.close()
+
+
 @pytest.mark.parametrize("variant", ["bn", "baseline"])
 def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_path, monkeypatch, variant):
+    """An interrupted run resumes from its last checkpoint (not from step 0) and ends as an uninterrupted one."""
     config = small_config(small_mnist_dir, variant)
     uninterrupted = tmp_path / "uninterrupted"
     train.train_and_evaluate(config, str(uninterrupted))
@@ -63,8 +81,12 @@ def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_
     # checkpoint is at 200, so the resumed run redoes steps 201-300.
     resumed = tmp_path / "resumed"
     train_interrupted_after(config, resumed, 250, monkeypatch)
+    lines_before = metrics_lines(resumed)
     assert [r["step"] for r in run_records.read_metrics(str(resumed / "metrics.jsonl"))][-1] == 250
     train.train_and_evaluate(config, str(resumed))
+    # A restart from step 0 would write the same deterministic metrics; only the
+    # records up to the checkpoint, kept as written (timings included), tell them apart.
+    assert_resumed_from(resumed, lines_before, 200)
 
     want = run_records.read_metrics(str(uninterrupted / "metrics.jsonl"))
     got = run_records.read_metrics(str(resumed / "metrics.jsonl"))
@@ -72,13 +94,7 @@ def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_
     assert [r["step"] for r in want if "test_accuracy" in r] == list(range(50, 301, 50))
 
     # The final states agree bitwise as well.
-    states = []
-    for workdir in (uninterrupted, resumed):
-        manager = checkpoints.checkpoint_manager(str(workdir))
-        assert manager.latest_step() == 300
-        state = train.create_train_state(jax.random.PRNGKey(0), config, train.create_setup(config).program_model, (28, 28), 1)
-        states.append(checkpoints.restore_latest(manager, state)[0])
-        manager.close()
+    states = [restore_checkpoint(workdir, config, 300) for workdir in (uninterrupted, resumed)]
     for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -120,13 +136,106 @@ def test_divergence_stops_the_run_and_is_recorded(small_mnist_dir, tmp_path):
     assert records[-1] == {"step": summary["diverged_at_step"], "diverged": True}
 
 
+def test_non_finite_parameters_with_finite_losses_are_a_divergence(small_mnist_dir, tmp_path, monkeypatch):
+    """A chunk whose losses are all finite but which leaves a parameter infinite ends the run as diverged there."""
+    real_experiment, losses_seen = mnist_experiment.experiment, []
+
+    def experiment(*args):
+        real = real_experiment(*args)
+
+        def run_steps(state, step, num_steps):
+            state, losses = real.run_steps(state, step, num_steps)
+            losses_seen.append(np.asarray(losses))
+            if step + num_steps == 100:  # One weight overflows in the second chunk.
+                layer = state.params["hidden0"]
+                params = {**state.params, "hidden0": {**layer, "kernel": layer["kernel"].at[0, 0].set(jnp.inf)}}
+                state = state.replace(params=params)
+            return state, losses
+
+        return real._replace(run_steps=run_steps)
+
+    monkeypatch.setattr(mnist_experiment, "experiment", experiment)
+    summary = train.train_and_evaluate(small_config(small_mnist_dir, "baseline", num_steps=150), str(tmp_path))
+    assert summary.get("diverged") is True and summary.get("diverged_at_step") == 100
+    assert len(losses_seen) == 2 and all(np.isfinite(losses).all() for losses in losses_seen)  # finite losses only
+    records = run_records.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [50, 100] and records[-1] == {"step": 100, "diverged": True}
+    assert not (tmp_path / checkpoints.FINAL_MODEL).exists()
+    assert not (tmp_path / "checkpoints" / "100").exists()
+
+
+def numpy_mlp(params, images, threshold, batch_stats=None, epsilon=1e-5):
+    """The BN MLP in float64 NumPy: (logits, each BN layer's (mean, biased var) of its input).
+
+    Training mode (``batch_stats`` None) normalises with the batch's moments,
+    inference mode with ``batch_stats``."""
+    x = images.reshape(len(images), -1) / 255.0
+    h = (x > threshold).astype(np.float64)
+    moments = []
+    for i in range(3):
+        z = h @ np.asarray(params[f"hidden{i}"]["kernel"], np.float64)
+        if batch_stats is None:
+            mean, var = z.mean(axis=0), z.var(axis=0)
+        else:
+            mean, var = (np.asarray(batch_stats[f"bn{i}"][k], np.float64) for k in ("mean", "var"))
+        moments.append((mean, var))
+        bn = params[f"bn{i}"]
+        scale, bias = (np.asarray(bn[k], np.float64) for k in ("scale", "bias"))
+        z = (z - mean) / np.sqrt(var + epsilon) * scale + bias
+        h = 1 / (1 + np.exp(-z))
+    out = params["output"]
+    return h @ np.asarray(out["kernel"], np.float64) + np.asarray(out["bias"], np.float64), moments
+
+
+def loss_and_accuracy(logits, labels):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels].mean(), np.mean(logits.argmax(axis=1) == labels)
+
+
 def test_population_statistics_replace_the_moving_averages(small_mnist_dir, tmp_path):
+    """The final model holds Algorithm 2's statistics over the final parameters (not the
+    moving averages of the last checkpoint), and the after-training evaluation uses them."""
     config = small_config(small_mnist_dir, num_steps=100)
     summary = train.train_and_evaluate(config, str(tmp_path))
     final = run_records.read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
     assert final[run_records.AFTER_TRAINING] is True
     assert final["test_accuracy_population_stats"] == summary["final_test_accuracy_population_stats"]
     assert summary["population_batches"] == 20
+
+    model = checkpoints.load_final_model(str(tmp_path))
+    last = restore_checkpoint(tmp_path, config, 100)
+    for a, b in zip(jax.tree.leaves(model["params"]), jax.tree.leaves(last.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # Algorithm 2 by hand: the 20 training mini-batches of 60 drawn from the
+    # run's population key, each through the net in training mode; E[x] is the
+    # mean of the batch means, Var[x] m/(m-1) times the mean of the batch variances.
+    data = mnist_data.load_mnist(small_mnist_dir, expected=None)
+    images, n = data["train_images"], len(data["train_labels"])
+    population_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)[2]
+    m, per_epoch = config.batch_size, n // config.batch_size
+    epochs = range(-(-config.bn.population_batches // per_epoch))
+    orders = [np.asarray(mnist_experiment.epoch_permutation(population_rng, e, n))[: per_epoch * m] for e in epochs]
+    batches = np.concatenate(orders).reshape(-1, m)[: config.bn.population_batches]
+    moments = [numpy_mlp(model["params"], images[b], config.data.binarize_threshold)[1] for b in batches]
+    threshold = config.data.binarize_threshold
+    for i in range(3):
+        mean = np.mean([batch[i][0] for batch in moments], axis=0)
+        var = m / (m - 1) * np.mean([batch[i][1] for batch in moments], axis=0)
+        stats, moving = model["batch_stats"][f"bn{i}"], last.batch_stats[f"bn{i}"]
+        np.testing.assert_allclose(stats["mean"], mean, rtol=1e-4, atol=1e-6, err_msg=f"bn{i} mean")
+        np.testing.assert_allclose(stats["var"], var, rtol=1e-4, atol=1e-6, err_msg=f"bn{i} var")
+        assert np.max(np.abs(np.asarray(moving["mean"]) - mean)) > 1e-2  # the check above tells them apart
+
+    # The after-training evaluation is the one with these statistics.
+    test_images, test_labels = data["test_images"], data["test_labels"]
+    loss, accuracy = loss_and_accuracy(numpy_mlp(model["params"], test_images, threshold, model["batch_stats"])[0],
+                                       test_labels)
+    assert final["test_loss_population_stats"] == pytest.approx(loss, rel=1e-4)
+    assert final["test_accuracy_population_stats"] == pytest.approx(accuracy, abs=1.5 / len(test_labels))
+    moving_loss, _ = loss_and_accuracy(numpy_mlp(last.params, test_images, threshold, last.batch_stats)[0], test_labels)
+    assert abs(moving_loss - loss) > 1e-3 * loss
 
 
 def test_reproduce_figure1_end_to_end(small_mnist_dir, tmp_path):
