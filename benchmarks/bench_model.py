@@ -92,8 +92,9 @@ def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], fl
 
     setup = train.create_setup(config)
     size = config.data.image_size
-    state = train.create_train_state(
-        jax.random.PRNGKey(0), config, setup.model, (size, size, 3), IMAGENET_TRAIN_IMAGES // config.batch_size
+    state = train.create_train_state(  # compiled_init as a classification run builds it
+        jax.random.PRNGKey(0), config, setup.model, (size, size, 3), IMAGENET_TRAIN_IMAGES // config.batch_size,
+        compiled_init=True,
     )
     variables = jax.tree.map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
     batch = jax.device_put({"image": batch_np["image"], "label": batch_np["label"]})

@@ -116,27 +116,36 @@ def small_mnist_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def imagenet_runs(tmp_path_factory) -> dict:
-    """The training runs of ``tests/mock_imagenet_runs.py`` (about two minutes on
-    two cores): ``{"root": their parent directory, "errors": {name: exception or None}}``."""
+def imagenet_runs(tmp_path_factory, worker_id) -> dict:
+    """The training runs of ``tests/mock_imagenet_runs.py`` (a few minutes on two
+    cores), made once per session whichever pytest-xdist worker asks first (the
+    others wait for them): ``{"root": their directory, "errors": {name: exception or None}}``."""
+    import json
+
     import mock_imagenet_runs
+    from filelock import FileLock
 
-    root = tmp_path_factory.mktemp("imagenet_runs")
-    return {"root": root, "errors": mock_imagenet_runs.train_all(root)}
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent  # the workers' common directory
+    root, errors_path = shared / "imagenet_runs", shared / "imagenet_runs_errors.json"
+    with FileLock(str(shared / "imagenet_runs.lock")):
+        if not errors_path.exists():
+            root.mkdir()
+            errors = mock_imagenet_runs.train_all(root)
+            errors_path.write_text(json.dumps({k: None if e is None else str(e) for k, e in errors.items()}))
+    errors = json.loads(errors_path.read_text())
+    return {"root": root, "errors": {k: None if e is None else AssertionError(e) for k, e in errors.items()}}
 
 
-# The longest files first, so that pytest-xdist's workers do not end with one
-# long file running alone. A file's tests go to one worker (so its module
-# fixtures run once); the files sharing the mock ImageNet runs go to the same one.
-SLOWEST_FIRST = ("test_imagenet_train.py", "test_ensemble.py", "test_parallel.py", "test_train.py", "test_multihost.py",
+# The longest files first and the files that only read the shared ImageNet runs
+# last, so that pytest-xdist's workers (one file each at a time, --dist
+# loadfile) neither wait for those runs nor end with one long file running alone.
+SLOWEST_FIRST = ("test_imagenet_train.py", "test_parallel.py", "test_multihost.py", "test_scripts.py", "test_train.py",
                  "test_torch_peer.py")
-SHARING_IMAGENET_RUNS = ("test_imagenet_train.py", "test_ensemble.py")
+LAST = ("test_ensemble.py",)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list) -> None:
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("imagenet_runs" if name in SHARING_IMAGENET_RUNS else name))
+    rank.update({name: len(rank) + 1 + i for i, name in enumerate(LAST)})
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: file order kept otherwise

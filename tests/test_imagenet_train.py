@@ -8,7 +8,6 @@ resumed through the entry point itself.
 
 import json
 import math
-import os
 
 import jax
 import jax.extend
@@ -21,7 +20,7 @@ from bn_repro import main, run_records, train
 from conftest import assert_resumed_from, metrics_lines
 from mock_imagenet_runs import CONFIG, NUM_EXAMPLES, RESUMED, RESUMED_FROM
 
-TRAINED = ("bn_baseline", "bn_x5", "inception", "googlenet", "workers")
+TRAINED = ("bn_baseline", "bn_x5", "inception", "googlenet")
 
 
 def load_run(imagenet_runs, name: str) -> tuple[list[dict], dict, dict]:
@@ -78,17 +77,6 @@ def test_inception_x5_diverges_and_is_recorded(imagenet_runs):
     assert records[-1]["diverged"] is True
     assert summary["diverged"] is True and summary["diverged_at_step"] == records[-1]["step"] <= 20
     assert not (imagenet_runs["root"] / "diverging" / "final_model").exists()
-
-
-def test_grain_worker_processes_give_the_same_run(imagenet_runs):
-    """2 decoding processes instead of none: the same batches, so the same run."""
-    records, _, config = load_run(imagenet_runs, "workers")
-    reference, _, _ = load_run(imagenet_runs, "bn_baseline")
-    assert config["data"]["num_workers"] == 2
-    assert deterministic(records) == deterministic(reference)
-    for a, b in zip(jax.tree.leaves(final_model(imagenet_runs, "workers")),
-                    jax.tree.leaves(final_model(imagenet_runs, "bn_baseline"))):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_resume_continues_from_the_checkpoint_and_gives_the_same_run(imagenet_runs):
