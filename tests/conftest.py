@@ -44,8 +44,6 @@ def assert_resumed_from(workdir, lines_before: list[str], checkpoint_step: int) 
     rather than starting over: the metrics lines up to that step are still the
     ones written before the interruption, timings included (a restart from
     step 0 rewrites every line, with new ``wall_time_s``), and later lines exist."""
-    import json
-
     after = metrics_lines(workdir)
     kept = [line for line in lines_before if json.loads(line)["step"] <= checkpoint_step]
     assert kept and any("wall_time_s" in json.loads(line) for line in kept), "nothing before the checkpoint to compare"
@@ -55,6 +53,7 @@ def assert_resumed_from(workdir, lines_before: list[str], checkpoint_step: int) 
 
 import gzip  # noqa: E402
 import hashlib  # noqa: E402
+import json  # noqa: E402
 import pickle  # noqa: E402
 import zipfile  # noqa: E402
 
@@ -122,8 +121,6 @@ def imagenet_runs(tmp_path_factory, worker_id) -> dict:
     """The training runs of ``tests/mock_imagenet_runs.py`` (a few minutes on two
     cores), made once per session whichever pytest-xdist worker asks first (the
     others wait for them): ``{"root": their directory, "errors": {name: exception or None}}``."""
-    import json
-
     import mock_imagenet_runs
     from filelock import FileLock
 

@@ -78,9 +78,9 @@ def run_main(workdir: str, variant: str, *overrides: str) -> subprocess.Complete
 
 
 def interrupt_and_resume(root: Path) -> None:
-    """Copies the finished run, drops its last checkpoint and the metrics after
-    the one before (keeping the copy's lines in ``metrics_before_resume.jsonl``),
-    and reruns it."""
+    """Copies the finished run and drops what a crash before its last checkpoint
+    would not have written (that checkpoint, the summary, the final model; the
+    metrics are kept, as ``metrics_before_resume.jsonl`` too), then reruns it."""
     workdir = root / RESUMED
     shutil.copytree(root / RESUMED_FROM, workdir)
     shutil.rmtree(workdir / "checkpoints" / str(CHECKPOINT_DROPPED))

@@ -10,15 +10,15 @@ import json
 import math
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from bn_repro import main, run_records, train
+from bn_repro import checkpoints, main, run_records, train
 from conftest import assert_resumed_from, metrics_lines
 from mock_imagenet_runs import CONFIG, NUM_EXAMPLES, RESUMED, RESUMED_FROM
+from test_models import traced_equations
+from test_train import deterministic
 
 TRAINED = ("bn_baseline", "bn_x5", "inception", "googlenet")
 
@@ -33,12 +33,7 @@ def load_run(imagenet_runs, name: str) -> tuple[list[dict], dict, dict]:
 
 
 def final_model(imagenet_runs, name: str) -> dict:
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(imagenet_runs["root"] / name / "final_model")
-
-
-def deterministic(records):
-    return [{k: v for k, v in r.items() if k not in run_records.TIMING_KEYS} for r in records]
+    return checkpoints.load_final_model(str(imagenet_runs["root"] / name))
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -111,13 +106,7 @@ def test_bfloat16_step_computes_in_bfloat16_and_keeps_float32_parameters_and_sta
         assert tree and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(tree))
     assert step_metrics["loss"].dtype == jnp.float32
     jaxpr = jax.make_jaxpr(step)(state, batch)
-    conv_dtypes = {eqn.invars[0].aval.dtype for eqn in iter_eqns(jaxpr.jaxpr) if eqn.primitive.name == "conv_general_dilated"}
+    conv_dtypes = {eqn.invars[0].aval.dtype for _, eqn in traced_equations(jaxpr.jaxpr)
+                   if eqn.primitive.name == "conv_general_dilated"}
     assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
 
-
-def iter_eqns(jaxpr):
-    """Every equation of ``jaxpr`` and of the jaxprs nested in it (jit, custom_vjp, scan...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from iter_eqns(sub)
