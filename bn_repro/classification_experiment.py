@@ -46,6 +46,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for name, allowed in choices.items():
         if field(config, name) not in allowed:
             raise ValueError(f"config.{name} must be one of {allowed}, got {field(config, name)!r}")
+    if config.data.shuffle == "window" and config.data.shuffle_window % config.batch_size:
+        raise ValueError(
+            f"config.data.shuffle_window ({config.data.shuffle_window}) must be a multiple of the global batch "
+            f"(config.batch_size = {config.batch_size}) with config.data.shuffle='window', so that every "
+            "mini-batch holds the same examples in every epoch (the baseline's shuffling, Sec. 4.2.1 item 6)"
+        )
     if not 0.0 <= config.model.dropout_rate < 1.0:
         raise ValueError(f"config.model.dropout_rate must be in [0, 1), got {config.model.dropout_rate}")
     if not 0.0 < config.data.crop_fraction <= 1.0:

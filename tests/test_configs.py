@@ -191,11 +191,13 @@ def test_staircase_decay_is_6x_faster_in_the_accelerated_variants():
         ("--config.model.dropout_rate=1.0", "config.model.dropout_rate"),
         ("--config.eval_batch_size=0", "config.eval_batch_size must be a positive integer"),
         ("--config.lr_decay_speedup=0.0", "config.lr_decay_speedup must be > 0"),
+        ("--config.data.shuffle=window --config.data.shuffle_window=10000",
+         r"config.data.shuffle_window \(10000\) must be a multiple of the global batch \(config.batch_size = 32\)"),
     ],
 )
 def test_imagenet_inconsistent_values_are_rejected_naming_the_field(override, message):
     with pytest.raises(ValueError, match=message):
-        train.validate_config(load_config(f"{IMAGENET}:bn_x5", [override]))
+        train.validate_config(load_config(f"{IMAGENET}:bn_x5", override.split()))
 
 
 def test_weight_decay_skips_biases_and_bn_and_follows_l2_reduction():

@@ -126,15 +126,50 @@ def test_global_order_is_a_fresh_permutation_each_epoch():
     assert not np.array_equal(a, image_data.epoch_order(1000, 1, 0, "global", 0))
 
 
-def test_window_order_permutes_only_within_fixed_windows():
-    n, w = 1003, 100  # The last window is short.
-    orders = [image_data.epoch_order(n, 0, epoch, "window", w) for epoch in range(3)]
+def test_window_order_repeats_each_window_and_shuffles_only_their_order():
+    n, w = 1003, 100  # The short last window (3 examples) stays last.
+    orders = [image_data.epoch_order(n, 0, epoch, "window", w) for epoch in range(4)]
+    windows = orders[0][:1000].reshape(10, w)
+    assert {tuple(np.unique(row // w)) for row in windows} == {(i,) for i in range(10)}  # One stored window each.
+    assert np.mean(windows != np.sort(windows, axis=1)) > 0.9  # Put in a random order inside.
     for order in orders:
         np.testing.assert_array_equal(np.sort(order), np.arange(n))
-        # Position i holds an example from the same window as i: fixed membership, windows in order.
-        np.testing.assert_array_equal(order // w, np.arange(n) // w)
-    assert not np.array_equal(orders[0], orders[1])
-    assert np.mean(orders[0] != np.arange(n)) > 0.9  # Actually shuffled within windows.
+        np.testing.assert_array_equal(order[1000:], orders[0][1000:])
+        rows = order[:1000].reshape(10, w)
+        # The same rows (each in the same inner order) in a permuted order.
+        np.testing.assert_array_equal(rows, windows[np.argsort(windows[:, 0])][rows[:, 0] // w])
+    assert len({tuple(order[::w] // w) for order in orders}) == 4  # The windows' order changes every epoch.
+
+
+def co_batched_pairs(order: np.ndarray, batch: int) -> set[tuple[int, int]]:
+    pairs = set()
+    for start in range(0, len(order) - batch + 1, batch):
+        members = np.sort(order[start : start + batch])
+        pairs.update(zip(*(members[i] for i in np.triu_indices(batch, 1))))
+    return pairs
+
+
+def test_co_batched_pairs_recur_every_epoch_with_window_and_rarely_with_global():
+    n, batch, epochs = 6400, 32, 4  # 20 windows of 320 = 10 batches.
+    for shuffle, window in (("window", 320), ("global", 0)):
+        pairs = [co_batched_pairs(image_data.epoch_order(n, 0, e, shuffle, window), batch) for e in range(epochs)]
+        recurring = [len(pairs[0] & p) / len(pairs[0]) for p in pairs[1:]]
+        if shuffle == "window":
+            assert recurring == [1.0] * (epochs - 1)
+        else:  # Expected (batch - 1) / (n - 1) = 0.5%.
+            assert max(recurring) < 0.01
+
+
+def test_window_shuffle_repeats_the_same_batches_every_epoch():
+    source = indexed_source(48)  # 3 windows of 16 = 2 batches of 8; 6 steps per epoch.
+    kw = {**TRAIN, "shuffle": "window", "shuffle_window": 16}
+    batches = collect(image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=24, **kw))
+    epochs = [[tuple(b["label"]) for b in batches[e * 6 : (e + 1) * 6]] for e in range(4)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(epochs[0])  # The same mini-batches, in the same inner order.
+        for first, second in zip(epoch[::2], epoch[1::2]):  # A window's two batches stay adjacent.
+            assert {i // 16 for i in first + second} == {first[0] // 16}
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # Only their order changes.
 
 
 def test_unknown_shuffle_is_rejected():
@@ -161,15 +196,6 @@ def test_train_batches_follow_the_epoch_orders():
         assert batch["label"].dtype == np.int32
         assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert len(set(np.concatenate([b["label"] for b in batches[:5]]))) == 40  # No repeats within an epoch.
-
-
-def test_window_shuffle_keeps_neighbours_together():
-    source = indexed_source(48)
-    kw = {**TRAIN, "shuffle": "window", "shuffle_window": 16}
-    batches = collect(image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=12, **kw))
-    for k, batch in enumerate(batches):
-        window = (k % 6) // 2  # Two batches per window of 16.
-        assert set(batch["label"] // 16) == {window}
 
 
 def test_mock_imagenet_batches(mock_imagenet):
