@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bn_repro import image_data, imagenet_data, parallel
+from bn_repro import fashion_mnist_data, image_data, imagenet_data, parallel
 from bn_repro.batchnorm import BATCH_MOMENTS, Norm, population_statistics
 from bn_repro.models.bn_inception import BNInception
 from bn_repro.models.googlenet import GoogLeNet
@@ -75,9 +75,13 @@ def create_model(config: ml_collections.ConfigDict, norm: Norm | None) -> nn.Mod
 
 def open_split(dataset: str, split: str, data_dir: str | None) -> Sequence[dict]:
     """A split of the TFDS dataset; for ``imagenet2012`` an unreadable one is
-    diagnosed (tars missing or incomplete, not prepared, tfrecord format)."""
+    diagnosed (tars missing or incomplete, not prepared, tfrecord format);
+    ``fashion_mnist`` is prepared from its original files if it is not yet
+    (on a data dir shared by several hosts, prepare it once beforehand)."""
     if dataset == imagenet_data.NAME:
         return imagenet_data.open_split(split, data_dir)
+    if dataset == fashion_mnist_data.NAME:  # Prepared from its original files on first use.
+        data_dir = fashion_mnist_data.prepare_fashion_mnist(data_dir)
     return image_data.open_split(dataset, split, data_dir)
 
 
