@@ -42,6 +42,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "model.nonlinearity": tuple(NONLINEARITIES),
         "model.dtype": tuple(DTYPES),
         "data.shuffle": image_data.SHUFFLES,
+        "data.channels": image_data.CHANNELS,
     }
     for name, allowed in choices.items():
         if field(config, name) not in allowed:
@@ -156,7 +157,7 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
         return image_data.train_batches(
             train_source, seed=seed, global_batch_size=config.batch_size, image_size=d.image_size,
             distortion_strength=d.distortion_strength, shuffle=d.shuffle, shuffle_window=d.shuffle_window,
-            start_step=start_step, num_steps=num_steps, num_workers=d.num_workers, **process,
+            start_step=start_step, num_steps=num_steps, num_workers=d.num_workers, channels=d.channels, **process,
         )
 
     streamed_step = make_streamed_step(layout)
@@ -178,14 +179,14 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
     def evaluate(state):
         batches = image_data.eval_batches(
             eval_source, global_batch_size=config.eval_batch_size, image_size=d.image_size,
-            crop_fraction=d.crop_fraction, num_workers=d.num_workers, **process,
+            crop_fraction=d.crop_fraction, num_workers=d.num_workers, channels=d.channels, **process,
         )
         if shard:  # each process's share of every global evaluation batch
             batches = (parallel.shard_batch(batch, layout.mesh) for batch in batches)
         return evaluate_classification(state, batches)
 
     return Experiment(
-        input_shape=(d.image_size, d.image_size, 3),
+        input_shape=(d.image_size, d.image_size, d.channels),
         steps_per_epoch=image_data.steps_per_epoch(len(train_source), config.batch_size),
         run_steps=run_steps,
         evaluate=evaluate,

@@ -56,7 +56,7 @@ def load_trained_model(workdir: str, step: int | None = None) -> TrainedModel:
         raise ValueError(f"{workdir} is a {config.experiment!r} run; multi-crop evaluation is for classification runs")
     # Inference only: BN normalises with its stored statistics, wherever they came from.
     model = classification_experiment.create_model(config, train.create_norm(config, parallel.BNPlacement(None, None)))
-    shape = (config.data.image_size, config.data.image_size, 3)
+    shape = (config.data.image_size, config.data.image_size, config.data.get("channels", 3))
     if step is None:
         abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
         target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
@@ -126,6 +126,7 @@ def probabilities(runs: Sequence[str | TrainedModel], *, crops: int = 144, data_
         source, crops=crops, image_size=config.data.image_size, crop_fraction=config.data.crop_fraction,
         global_batch_size=batch_size or max(1, config.eval_batch_size // crops),
         num_workers=config.data.num_workers if num_workers is None else num_workers,
+        channels=config.data.get("channels", 3),
     )
     probs, labels = [], []
     for batch in batches:

@@ -3,8 +3,8 @@
 Any TFDS image dataset prepared as array_record (``imagenet2012``, the
 paper's Sec. 4.2, is one) is read with ``tfds.data_source`` and mapped with
 grain: training batches of augmented crops (``imagenet_preprocessing``), and
-evaluation batches covering every example once. Images are given three
-channels (a grey image is repeated).
+evaluation batches covering every example once. Images are given
+``channels`` channels: 3 (a grey image repeated) or 1 (a colour image turned grey).
 
 Batches are a pure function of (seed, step): global batch k holds positions
 [p*G, (p+1)*G) of `epoch_order(epoch=k // spe)`, p = k % spe, and every example
@@ -24,6 +24,7 @@ from absl import flags
 from bn_repro import imagenet_preprocessing as prep
 
 SHUFFLES = ("global", "window")
+CHANNELS = (1, 3)
 
 
 class ImageDataError(Exception):
@@ -81,11 +82,16 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: str, shuffle_
     raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}.")
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
+def with_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 HxW, HxWx1 or HxWx3 -> HxWx`channels`: grey repeated, or colour to grey (ITU-R 601 luma)."""
     image = np.asarray(image, np.uint8)
     if image.ndim == 2:
         image = image[..., None]
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    if channels == 3:
+        return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    if image.shape[-1] == 1:
+        return image
+    return np.rint(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
 
 
 def _per_process(global_batch_size: int, process_count: int) -> int:
@@ -127,14 +133,15 @@ class _TrainSchedule(Sequence):
 class _TrainExample:
     """(k, slot, index) -> {'image', 'label'}: reads and augments (Sec. 4.2) one example."""
 
-    def __init__(self, source, seed: int, image_size: int, distortion_strength: float):
+    def __init__(self, source, seed: int, image_size: int, distortion_strength: float, channels: int):
         self.source, self.seed, self.size, self.strength = source, seed, image_size, distortion_strength
+        self.channels = channels
 
     def __call__(self, item: tuple[int, int, int]) -> dict[str, np.ndarray]:
         k, slot, index = item
         example = self.source[index]
         rng = np.random.default_rng([self.seed, 1, k, slot])
-        image = prep.train_image(_as_rgb(example["image"]), rng, self.size, self.strength)
+        image = prep.train_image(with_channels(example["image"], self.channels), rng, self.size, self.strength)
         return {"image": image, "label": np.int32(example["label"])}
 
 
@@ -157,10 +164,10 @@ def _iterate(schedule: Sequence, fn, batch_size: int, num_workers: int) -> Itera
 
 def train_batches(source, *, seed: int, global_batch_size: int, image_size: int, distortion_strength: float,
                   shuffle: str, shuffle_window: int, start_step: int, num_steps: int, num_workers: int,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+                  process_index: int = 0, process_count: int = 1, channels: int = 3) -> Iterator[dict]:
     """Batches for steps start_step .. start_step + num_steps - 1 of this process.
 
-    Each is {'image': float32 (b, S, S, 3) in [-1, 1], 'label': int32 (b,)},
+    Each is {'image': float32 (b, S, S, channels) in [-1, 1], 'label': int32 (b,)},
     b = global_batch_size // process_count: process i's slice [i*b, (i+1)*b)
     of the global batch (see the module docstring). With `num_workers` > 0
     (spawned processes: guard the main module) the arrays are grain
@@ -171,7 +178,7 @@ def train_batches(source, *, seed: int, global_batch_size: int, image_size: int,
         raise ValueError(f"{len(source)} examples are fewer than one global batch of {global_batch_size}.")
     schedule = _TrainSchedule(len(source), seed, global_batch_size, b, process_index,
                               shuffle, shuffle_window, start_step, num_steps)
-    return _iterate(schedule, _TrainExample(source, seed, image_size, distortion_strength), b, num_workers)
+    return _iterate(schedule, _TrainExample(source, seed, image_size, distortion_strength, channels), b, num_workers)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int, process_count: int = 1) -> int:
@@ -200,20 +207,22 @@ class _EvalExample:
     """Index -> {'image', 'label', 'mask'}: the paper's single central crop, or
     GoogLeNet's 144 crops stacked (crops=144); -1 (padding) -> masked zeros."""
 
-    def __init__(self, source, image_size: int, crop_fraction: float, crops: int):
+    def __init__(self, source, image_size: int, crop_fraction: float, crops: int, channels: int):
         self.source, self.size, self.crop_fraction, self.crops = source, image_size, crop_fraction, crops
+        self.channels = channels
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         if index < 0:
-            shape = (self.size, self.size, 3) if self.crops == 1 else (self.crops, self.size, self.size, 3)
+            shape = (self.size, self.size, self.channels)
+            shape = shape if self.crops == 1 else (self.crops, *shape)
             image, label = np.zeros(shape, np.float32), 0
         else:
             example = self.source[index]
-            rgb = _as_rgb(example["image"])
+            pixels = with_channels(example["image"], self.channels)
             if self.crops == 1:
-                image = prep.eval_image(rgb, self.size, self.crop_fraction)
+                image = prep.eval_image(pixels, self.size, self.crop_fraction)
             else:
-                image = prep.multicrop_images(rgb, self.size)
+                image = prep.multicrop_images(pixels, self.size)
             label = example["label"]
         return {"image": image, "label": np.int32(label), "mask": np.float32(index >= 0)}
 
@@ -222,13 +231,14 @@ EVAL_CROPS = (1, 144)
 
 
 def eval_batches(source, *, global_batch_size: int, image_size: int, crop_fraction: float, num_workers: int,
-                 process_index: int = 0, process_count: int = 1, crops: int = 1) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1, crops: int = 1,
+                 channels: int = 3) -> Iterator[dict]:
     """Every example once across processes: process i reads [i*n//P, (i+1)*n//P).
 
     Each process yields `num_eval_batches` batches {'image', 'label', 'mask'}
     of b = global_batch_size // process_count; padding has zero images and mask 0.
-    `crops=1`: the central crop (b, S, S, 3); `crops=144`: GoogLeNet's crops of
-    each image (b, 144, S, S, 3), for Sec. 4.2.3's multi-crop evaluation.
+    `crops=1`: the central crop (b, S, S, C); `crops=144`: GoogLeNet's crops of
+    each image (b, 144, S, S, C), for Sec. 4.2.3's multi-crop evaluation (C = `channels`).
     """
     if crops not in EVAL_CROPS:
         raise ValueError(f"crops must be one of {EVAL_CROPS}, got {crops}")
@@ -237,4 +247,4 @@ def eval_batches(source, *, global_batch_size: int, image_size: int, crop_fracti
     length = num_eval_batches(n, global_batch_size, process_count) * b
     start, stop = process_index * n // process_count, (process_index + 1) * n // process_count
     schedule = _EvalSchedule(start, stop, length)
-    return _iterate(schedule, _EvalExample(source, image_size, crop_fraction, crops), b, num_workers)
+    return _iterate(schedule, _EvalExample(source, image_size, crop_fraction, crops, channels), b, num_workers)

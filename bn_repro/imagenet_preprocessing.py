@@ -57,26 +57,32 @@ def sample_crop_box(
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    return np.asarray(PIL.Image.fromarray(image).resize((width, height), PIL.Image.BILINEAR))
+    """uint8 HxWxC (C = 1 or 3) resized bilinearly, channels kept."""
+    pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    return np.asarray(pil.resize((width, height), PIL.Image.BILINEAR)).reshape(height, width, image.shape[-1])
 
 
 def distort_colors(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Random brightness (+-32/255), contrast and saturation (x[0.5, 1.5]), each
-    scaled by ``strength`` (0 = none), on a float image in [0, 1]; clipped to [0, 1]."""
+    scaled by ``strength`` (0 = none), on a float image in [0, 1]; clipped to [0, 1].
+    A grey (1-channel) image has no saturation: brightness and contrast only,
+    what its 3-channel repetition gets (whose saturation change is the identity)."""
     if strength <= 0:
         return image
     image = image + rng.uniform(-32 / 255, 32 / 255) * strength
     mean = image.mean()
     image = (image - mean) * (1 + rng.uniform(-0.5, 0.5) * strength) + mean
-    grey = image @ np.array([0.299, 0.587, 0.114], np.float32)
-    image = (image - grey[..., None]) * (1 + rng.uniform(-0.5, 0.5) * strength) + grey[..., None]
+    saturation = 1 + rng.uniform(-0.5, 0.5) * strength
+    if image.shape[-1] == 3:
+        grey = image @ np.array([0.299, 0.587, 0.114], np.float32)
+        image = (image - grey[..., None]) * saturation + grey[..., None]
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
 def train_image(
     image: np.ndarray, rng: np.random.Generator, size: int = 224, distortion_strength: float = 1.0
 ) -> np.ndarray:
-    """uint8 HxWx3 -> float32 size x size x 3 in [-1, 1]: random crop, flip, distortions."""
+    """uint8 HxWxC -> float32 size x size x C in [-1, 1]: random crop, flip, distortions."""
     top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng)
     crop = _resize(np.ascontiguousarray(image[top : top + h, left : left + w]), size, size)
     if rng.uniform() < 0.5:
@@ -86,7 +92,7 @@ def train_image(
 
 
 def eval_image(image: np.ndarray, size: int = 224, crop_fraction: float = 0.875) -> np.ndarray:
-    """uint8 HxWx3 -> float32 size x size x 3 in [-1, 1]: resize the shorter
+    """uint8 HxWxC -> float32 size x size x C in [-1, 1]: resize the shorter
     side to size / crop_fraction, then the central size x size crop."""
     height, width = image.shape[:2]
     scale = size / crop_fraction / min(height, width)
@@ -109,7 +115,7 @@ def scales_for(size: int) -> tuple[int, ...]:
 
 
 def multicrop_images(image: np.ndarray, size: int = 224, scales: tuple[int, ...] | None = None) -> np.ndarray:
-    """uint8 HxWx3 -> float32 (len(scales) * 36, size, size, 3) in [-1, 1]: GoogLeNet's 144 crops.
+    """uint8 HxWxC -> float32 (len(scales) * 36, size, size, C) in [-1, 1]: GoogLeNet's 144 crops.
 
     For each scale S (default ``scales_for(size)``: 256, 288, 320, 352 for 224)
     the shorter side is resized to S; of the S x S squares at the left, center
@@ -123,7 +129,7 @@ def multicrop_images(image: np.ndarray, size: int = 224, scales: tuple[int, ...]
         raise ValueError(f"Every scale must be >= size {size}, got {scales}.")
     height, width = image.shape[:2]
     landscape = height <= width
-    out = np.empty((len(scales) * len(SQUARES) * len(CROP_POSITIONS) * 2, size, size, 3), np.float32)
+    out = np.empty((len(scales) * len(SQUARES) * len(CROP_POSITIONS) * 2, size, size, image.shape[-1]), np.float32)
     k = 0
     for s in scales:
         long_side = max(s, round(max(height, width) * s / min(height, width)))

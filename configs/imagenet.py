@@ -97,6 +97,8 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     # or ~/tensorflow_datasets.
     config.data.data_dir = config_dict.placeholder(str)
     config.data.image_size = 224  # [paper] 224x224 crops.
+    # Input channels: 3 (a grey image repeated) or 1 (a colour image made grey).
+    config.data.channels = 3  # [paper] colour images.
     # [ours] evaluation: shorter side resized to image_size / crop_fraction
     # (256 for 224), then the central crop (the paper's single crop).
     config.data.crop_fraction = 0.875

@@ -198,6 +198,20 @@ def test_train_batches_follow_the_epoch_orders():
     assert len(set(np.concatenate([b["label"] for b in batches[:5]]))) == 40  # No repeats within an epoch.
 
 
+def test_one_channel_batches_are_grey():
+    source = indexed_source(16)  # Colour, HxW and HxWx1 images.
+    kw = {**TRAIN, "channels": 1}
+    for batch in collect(image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=2, **kw)):
+        assert batch["image"].shape == (8, SIZE, SIZE, 1)
+    batches = collect(image_data.eval_batches(source, global_batch_size=6, image_size=SIZE, crop_fraction=0.875,
+                                              num_workers=0, channels=1))
+    assert [b["image"].shape for b in batches] == [(6, SIZE, SIZE, 1)] * 3  # The last one padded.
+    colour = source[0]["image"]
+    expected = np.rint(colour.astype(np.float64) @ [0.299, 0.587, 0.114])
+    np.testing.assert_array_equal(image_data.with_channels(colour, 1)[..., 0], expected)
+    np.testing.assert_array_equal(image_data.with_channels(source[1]["image"], 3)[..., 2], source[1]["image"])
+
+
 def test_mock_imagenet_batches(mock_imagenet):
     source = mock_imagenet["train"]
     batches = collect(image_data.train_batches(source, global_batch_size=8, start_step=0, num_steps=3, **TRAIN))

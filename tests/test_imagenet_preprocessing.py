@@ -210,3 +210,18 @@ def test_multicrop_of_a_square_image_repeats_one_square():
     crops = prep.multicrop_images(gradient_image(64, 64), size=32, scales=(40, 48))
     for scale in range(2):
         np.testing.assert_array_equal(crops[36 * scale : 36 * scale + 12], crops[36 * scale + 24 : 36 * scale + 36])
+
+
+def test_a_grey_image_is_processed_as_its_three_channel_repetition():
+    # One channel (data.channels=1) gets exactly what each channel of the repeated image gets:
+    # the same crop, flip, brightness and contrast; saturation leaves a grey image unchanged.
+    grey = np.random.default_rng(5).integers(0, 256, (37, 50, 1), dtype=np.uint8)
+    rgb = np.repeat(grey, 3, axis=-1)
+    for seed in range(4):
+        one = prep.train_image(grey, np.random.default_rng(seed), 16, 1.0)
+        three = prep.train_image(rgb, np.random.default_rng(seed), 16, 1.0)
+        assert one.shape == (16, 16, 1)
+        np.testing.assert_allclose(np.repeat(one, 3, axis=-1), three, atol=1e-6)
+    np.testing.assert_array_equal(np.repeat(prep.eval_image(grey, 16), 3, axis=-1), prep.eval_image(rgb, 16))
+    np.testing.assert_array_equal(np.repeat(prep.multicrop_images(grey, 16), 3, axis=-1),
+                                  prep.multicrop_images(rgb, 16))
