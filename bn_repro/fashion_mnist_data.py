@@ -22,7 +22,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from bn_repro.image_data import default_data_dir
-from bn_repro.mnist_data import Checksums, MnistDataError, read_arrays, verify_arrays
+from bn_repro.mnist_data import Checksums, MnistDataError, build_once, read_arrays, redo_advice, verify_arrays
 
 NAME = "fashion_mnist"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -141,13 +141,6 @@ class FashionMnist(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": PIL.Image.fromarray(image, mode="L"), "label": int(label)}
 
 
-def _redo(data_dir: str) -> str:
-    return (
-        f"Delete {os.path.join(data_dir, NAME)} and re-run to re-prepare it, or, if that copy belongs to "
-        "something else (e.g. TFDS's own fashion_mnist builder), use another data dir."
-    )
-
-
 def prepare_fashion_mnist(data_dir: str | None = None, source_dir: str | os.PathLike | None = None,
                           expected: Checksums | None = REAL_FASHION_MNIST) -> str:
     """Builds `<data_dir>/fashion_mnist/3.0.1` (array_record) unless it is there; returns the data dir.
@@ -157,17 +150,11 @@ def prepare_fashion_mnist(data_dir: str | None = None, source_dir: str | os.Path
     `expected=None` skips the checks (synthetic files of other sizes).
     """
     data_dir = os.fspath(data_dir or default_data_dir())
-    builder = FashionMnist(data_dir=data_dir)
-    if builder.is_prepared():
-        return data_dir
-    if builder.data_path.exists():  # TFDS would silently reuse it.
-        raise MnistDataError(f"{builder.data_path} is not a complete TFDS dataset. {_redo(data_dir)}")
-    source_dir = Path(source_dir) if source_dir else find_source_dir(data_dir)
-    # TFDS writes into an `incomplete.*` directory and renames it only on success.
-    builder = FashionMnist(data_dir=data_dir, source_dir=source_dir, expected=expected, file_format="array_record")
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    if expected is not None:
-        verify_arrays(read_arrays(FashionMnist(data_dir=data_dir), "Fashion-MNIST", _redo(data_dir)),
-                      expected, "Fashion-MNIST", f"data dir {data_dir}", _redo(data_dir))
+    def source() -> dict:
+        return {"source_dir": Path(source_dir or find_source_dir(data_dir)), "expected": expected}
+
+    if build_once(FashionMnist, data_dir, source) and expected is not None:
+        redo = redo_advice(data_dir, NAME)
+        verify_arrays(read_arrays(FashionMnist(data_dir=data_dir), "Fashion-MNIST", redo),
+                      expected, "Fashion-MNIST", f"data dir {data_dir}", redo)
     return data_dir

