@@ -91,7 +91,7 @@ def with_channels(image: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
     if image.shape[-1] == 1:
         return image
-    return np.rint(image @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)[..., None]
+    return np.rint(image @ np.array(prep.LUMA_WEIGHTS)).astype(np.uint8)[..., None]
 
 
 def _per_process(global_batch_size: int, process_count: int) -> int:

@@ -56,6 +56,10 @@ def sample_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+# ITU-R 601 luma: the grey value of an RGB pixel.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 HxWxC (C = 1 or 3) resized bilinearly, channels kept."""
     pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
@@ -74,7 +78,7 @@ def distort_colors(image: np.ndarray, rng: np.random.Generator, strength: float)
     image = (image - mean) * (1 + rng.uniform(-0.5, 0.5) * strength) + mean
     saturation = 1 + rng.uniform(-0.5, 0.5) * strength
     if image.shape[-1] == 3:
-        grey = image @ np.array([0.299, 0.587, 0.114], np.float32)
+        grey = image @ np.array(LUMA_WEIGHTS, np.float32)
         image = (image - grey[..., None]) * saturation + grey[..., None]
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
