@@ -172,15 +172,20 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
             state, loss = streamed_step(state, next(batches), data_rng)
             losses.append(loss)
         next_step = step + num_steps
-        return state, jnp.stack(losses)
+        return state, losses  # device scalars, fetched by the loop (no program built per interval length)
 
     shard = layout.mesh is not None and config.eval_batch_size % layout.device_count == 0
 
+    cached_eval_batches = None
+
     def evaluate(state):
-        batches = image_data.eval_batches(
+        nonlocal cached_eval_batches
+        batches = cached_eval_batches or image_data.eval_batches(
             eval_source, global_batch_size=config.eval_batch_size, image_size=d.image_size,
             crop_fraction=d.crop_fraction, num_workers=d.num_workers, channels=d.channels, **process,
         )
+        if d.cache_eval_batches and cached_eval_batches is None:  # central crops: the same every evaluation
+            batches = cached_eval_batches = list(batches)
         if shard:  # each process's share of every global evaluation batch
             batches = (parallel.shard_batch(batch, layout.mesh) for batch in batches)
         return evaluate_classification(state, batches)

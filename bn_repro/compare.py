@@ -298,7 +298,7 @@ def _text_table(table: Table) -> str:
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [headers, *rows])
 
 
-def _markdown_table(table: Table) -> str:
+def markdown_table(table: Table) -> str:
     headers, rows = table
     escape = lambda x: x.replace("|", "\\|")  # noqa: E731
     return "\n".join("| " + " | ".join(map(escape, line)) + " |" for line in [headers, ["---"] * len(headers), *rows])
@@ -306,7 +306,7 @@ def _markdown_table(table: Table) -> str:
 
 def render(comparison: Comparison, markdown: bool = False) -> str:
     """The three sections as aligned text, or as Markdown."""
-    table = _markdown_table if markdown else _text_table
+    table = markdown_table if markdown else _text_table
     heading = (lambda t: f"## {t}") if markdown else (lambda t: f"{t}\n{'=' * len(t)}")
     ref = comparison.runs[0].name
     sections = [heading("Runs"), table(runs_table(comparison))]

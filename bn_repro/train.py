@@ -105,6 +105,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         value = field(config, name)
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    eval_at = config.get("eval_at", ())
+    if not all(isinstance(s, int) and s > 0 for s in eval_at):
+        raise ValueError(f"config.eval_at must be a tuple of positive step numbers, got {eval_at!r}")
     if config.checkpoint_every % config.eval_every:
         raise ValueError(
             f"config.checkpoint_every ({config.checkpoint_every}) must be a multiple of "
@@ -125,6 +128,14 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         raise ValueError(f"config.lr_scaling must be 'none' or 'linear', got {config.lr_scaling!r}")
     experiment_family(config).validate_config(config)
     parallel.validate_config(config, device_count or jax.device_count())
+
+
+def evaluation_steps(config: ml_collections.ConfigDict) -> list[int]:
+    """The steps after which the loop evaluates: every ``eval_every`` steps, each
+    step of ``eval_at`` (extra evaluations, e.g. denser early in a run), and the last."""
+    every = range(config.eval_every, config.num_steps + 1, config.eval_every)
+    extra = (s for s in config.get("eval_at", ()) if s < config.num_steps)
+    return sorted({*every, *extra, config.num_steps})
 
 
 def field(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -298,7 +309,7 @@ def _record(metrics_path: str, record: dict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str = "") -> dict:
-    """Trains, evaluating every ``eval_every`` steps, and returns the run's summary.
+    """Trains, evaluating at :func:`evaluation_steps`, and returns the run's summary.
 
     Writes into ``workdir``: ``config.json`` (the resolved config),
     ``environment.json`` (devices, processes, versions, git commit: at the
@@ -339,8 +350,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     accuracy_key = experiment.accuracy_keys[0]
     start = time.perf_counter()
     diverged_at = None
+    eval_steps = evaluation_steps(config)
     while step < config.num_steps:
-        num_steps = min(config.eval_every, config.num_steps - step)
+        num_steps = next(s for s in eval_steps if s > step) - step
         chunk_start = time.perf_counter()
         state, losses = experiment.run_steps(state, step, num_steps)
         losses = np.asarray(jax.device_get(losses))

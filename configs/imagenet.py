@@ -39,11 +39,14 @@ VARIANTS = (
     "googlenet",
 )
 SMALL = "small"
+FASHION = "fashion"
+FASHION_LEARNING_RATE = 0.015  # the pilot sweep's best (README; results/fashion/pilot_lr.md)
+FASHION_STEPS = 20_000
 
 
 def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     variant, _, size = arg.partition(":")
-    if variant not in VARIANTS or size not in ("", SMALL):
+    if variant not in VARIANTS or size not in ("", SMALL, FASHION):
         raise ValueError(
             f"Unknown variant {arg!r} for configs/imagenet.py; choose one of {VARIANTS}, optionally "
             "followed by ':small', e.g. --config=configs/imagenet.py:bn_x30 or configs/imagenet.py:bn_x5:small"
@@ -112,6 +115,9 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     config.data.shuffle = "global" if accelerated else "window"
     config.data.shuffle_window = 10_240  # [ours] 320 mini-batches of 32; a multiple of batch_size.
     config.data.eval_split = "validation"  # [paper] the 50k validation images.
+    # [ours] Keep the evaluation split's preprocessed central crops in host memory after the
+    # first evaluation (they are the same every time): for a small split only.
+    config.data.cache_eval_batches = False
     config.data.num_workers = 8  # [ours] decoding/augmentation processes per host.
 
     config.batch_size = 32  # [paper] per step: the global batch, split over the devices.
@@ -145,6 +151,7 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     # its 74.8% after 6e6 steps (Figure 2 runs to 30e6).
     config.num_steps = 6_000_000 if accelerated else 31_000_000
     config.eval_every = 100_000  # [ours] a full 50k validation pass.
+    config.eval_at = ()  # [ours] extra evaluation steps (none).
     config.checkpoint_every = 100_000  # [ours]
     # [paper] Figure 3: the steps at which the paper's nets matched Inception's
     # 72.2%, and the five nets' maximum top-1 accuracies; summary.json reports
@@ -154,6 +161,8 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     # [paper] compare_runs' default target: "steps to match Inception" (72.2%).
     config.target_accuracy = 0.722
 
+    if size == FASHION:
+        fashion_proxy(config)
     if size == SMALL:
         config.model.width = 1 / 16
         config.data.image_size = 32
@@ -167,3 +176,49 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
         config.eval_every = 2
         config.checkpoint_every = 4
     return config
+
+
+def fashion_proxy(config: ml_collections.ConfigDict) -> None:
+    """``:fashion``: the same experiment on Fashion-MNIST at a size 2 CPU cores run.
+
+    Only dataset, size, step-budget and base-learning-rate fields change
+    (tests/test_configs.py checks it), so the proxy variants differ from each
+    other exactly as the ImageNet ones do. README justifies each value.
+    """
+    # Dataset: Fashion-MNIST's 60k training and 10k test 28x28 grey images, 10 classes.
+    config.data.dataset = "fashion_mnist"
+    config.data.eval_split = "test"
+    config.data.channels = 1
+    config.model.num_classes = 10
+    # [ours] 480 = 15 mini-batches: 125 windows per epoch, as 10,240 gives on ImageNet's 1.28M images.
+    config.data.shuffle_window = 480
+    config.data.num_workers = 0  # in-process loading: one run per core (results do not depend on it)
+    # Size: width 1/16 at 64x64, so that 3a/4a/5a see 8x8/4x4/2x2 maps.
+    config.model.width = 1 / 16
+    config.data.image_size = 64
+    # Base learning rate: the rate `inception` trained best with in the pilot sweep (README).
+    config.learning_rate = FASHION_LEARNING_RATE
+    # Step budget: every variant the same number of steps.
+    config.num_steps = FASHION_STEPS
+    # Evaluations 5% of the run apart, and from step 100 on never more than 5% of the step apart,
+    # so that steps-to-target is placed within 5% however early a variant reaches it.
+    config.eval_every = FASHION_STEPS // 20
+    config.eval_at = geometric_steps(100, FASHION_STEPS, 1.05)
+    config.data.cache_eval_batches = True  # the 10k test crops: 164 MB
+    config.checkpoint_every = FASHION_STEPS // 10
+    # The moving averages' decay scaled to the budget: a time constant of 100 steps (3,200 images),
+    # where 0.9997's 3,333 steps would leave them at their initial values for a large part of the run.
+    config.bn.momentum = 0.99
+    # Figure 3's milestones and targets are ImageNet's; scripts/reproduce_figure2.py reads the
+    # proxy's from its `inception` runs.
+    config.milestones = ()
+    config.targets = ()
+    config.target_accuracy = config_dict.placeholder(float)
+
+
+def geometric_steps(first: int, last: int, ratio: float) -> tuple[int, ...]:
+    """``first``, then each step ``ratio`` times the previous (rounded down, at least one more), below ``last``."""
+    steps = [first]
+    while (step := max(steps[-1] + 1, int(steps[-1] * ratio))) < last:
+        steps.append(step)
+    return tuple(steps)

@@ -245,3 +245,62 @@ def test_per_device_batch_size_sets_the_global_batch():
     assert parallel.with_global_batch(config, 1).batch_size == 32
     plain = load_config(f"{IMAGENET}:bn_x30")
     assert parallel.with_global_batch(plain, 8).batch_size == 32  # batch_size is the global batch
+
+
+# The Fashion-MNIST proxy (`:fashion`): only dataset, size, step-budget and
+# base-learning-rate fields change, and the proxies differ from each other as
+# the ImageNet variants do.
+
+FASHION_FIELDS = {
+    # dataset
+    "data.dataset", "data.eval_split", "data.channels", "model.num_classes", "data.shuffle_window",
+    "data.num_workers", "data.cache_eval_batches",
+    # size
+    "model.width", "data.image_size",
+    # step budget (bn.momentum: the moving averages' time constant, in steps)
+    "num_steps", "eval_every", "eval_at", "checkpoint_every", "bn.momentum", "milestones", "targets",
+    "target_accuracy",
+    # base learning rate
+    "learning_rate",
+}
+PROXY_VARIANTS = ("inception", "bn_baseline", "bn_x5", "bn_x30", "bn_x5_sigmoid", "inception_x5",
+                  "inception_sigmoid", "googlenet")
+
+
+@pytest.mark.parametrize("variant", PROXY_VARIANTS)
+def test_fashion_proxy_differs_from_its_imagenet_twin_only_in_dataset_size_budget_and_base_lr(variant):
+    changed = changed_fields(f"{variant}:fashion", variant)
+    assert changed <= FASHION_FIELDS
+    assert {"data.dataset", "model.width", "num_steps", "learning_rate"} <= changed
+    train.validate_config(load_config(f"{IMAGENET}:{variant}:fashion"))
+
+
+def test_fashion_proxies_differ_from_each_other_as_the_imagenet_variants_do():
+    configs = {v: flat(load_config(f"{IMAGENET}:{v}").to_dict()) for v in PROXY_VARIANTS}
+    proxies = {v: flat(load_config(f"{IMAGENET}:{v}:fashion").to_dict()) for v in PROXY_VARIANTS}
+    for a in PROXY_VARIANTS:
+        for b in PROXY_VARIANTS:
+            ours = {k: (proxies[a][k], proxies[b][k]) for k in proxies[a] if proxies[a][k] != proxies[b][k]}
+            theirs = {k: (configs[a][k], configs[b][k]) for k in configs[a] if configs[a][k] != configs[b][k]}
+            ours.pop("variant", None), theirs.pop("variant", None)
+            # Every proxy gets the same step budget (ImageNet's accelerated variants run 6M of 31M steps).
+            theirs.pop("num_steps", None)
+            assert ours == theirs, (a, b)
+
+
+def test_fashion_proxy_evaluates_within_5_percent_of_any_step_from_100():
+    config = load_config(f"{IMAGENET}:bn_x5:fashion")
+    steps = train.evaluation_steps(config)
+    assert steps[0] == 100 and steps[-1] == config.num_steps
+    assert all(later <= earlier * 1.05 + 1 for earlier, later in zip(steps, steps[1:]))
+    assert set(range(config.eval_every, config.num_steps + 1, config.eval_every)) <= set(steps)
+    assert config.checkpoint_every % config.eval_every == 0
+
+
+def test_evaluation_steps_add_eval_at_to_every_eval_every():
+    config = load_config(f"{IMAGENET}:bn_x5:small", ["--config.num_steps=10", "--config.eval_every=4",
+                                                   "--config.checkpoint_every=8", "--config.eval_at=(1,3,9,12)"])
+    assert train.evaluation_steps(config) == [1, 3, 4, 8, 9, 10]
+    bad = load_config(f"{IMAGENET}:bn_x5:small", ["--config.eval_at=(0,)"])
+    with pytest.raises(ValueError, match="config.eval_at"):
+        train.validate_config(bad)

@@ -1,0 +1,133 @@
+"""Sec. 4.2's comparisons: the readings of Figures 2 and 3 from workdirs
+(bn_repro/figure2.py), the sweep's plan, and scripts/reproduce_figure2.py end
+to end on a tiny configuration (real runs of the entry point on a small
+synthetic Fashion-MNIST)."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from bn_repro import compare, figure2, sweep
+from conftest import assert_resumed_from, metrics_lines
+from test_fashion_mnist_data import synthetic_files
+from test_scripts import load_script, table
+
+from bn_repro import fashion_mnist_data
+
+
+def fake_run(path, variant, curve, seed=0, diverged_at=None, population=None, lr=0.01):
+    """A RunRecord with evaluations ``curve`` ({step: accuracy})."""
+    records = [{"step": s, "val_top1": a, "train_loss": 1.0, "wall_time_s": s / 10} for s, a in curve.items()]
+    summary = {"variant": variant}
+    if diverged_at:
+        records.append({"step": diverged_at, "diverged": True})
+        summary.update(diverged=True, diverged_at_step=diverged_at)
+    if population is not None:
+        summary["final_val_top1_population_stats"] = population
+    config = {"experiment": "classification", "variant": f"{variant}:fashion", "seed": seed, "learning_rate": lr,
+              "lr_multiplier": 1.0}
+    return compare.RunRecord(str(path), config, records, summary)
+
+
+def test_steps_to_target_best_accuracy_and_rows_over_seeds(tmp_path):
+    inception = [fake_run(tmp_path / f"i{s}", "inception", {100: 0.5, 200: 0.7 + s / 100, 300: 0.6}, seed=s)
+                 for s in range(2)]
+    bn = [fake_run(tmp_path / "b0", "bn_x5", {100: 0.705, 200: 0.9}, population=0.91),
+          fake_run(tmp_path / "b1", "bn_x5", {100: 0.6, 200: 0.71}, seed=1, population=0.89)]
+    failed = [fake_run(tmp_path / "f0", "inception_x5", {100: 0.1}, diverged_at=150)]
+    groups = figure2.group_by_variant([*inception, *bn, *failed])
+    assert sorted(groups) == ["bn_x5", "inception", "inception_x5"]
+    target = figure2.reference_accuracy(groups)
+    assert target == pytest.approx(0.705)  # the mean of the inception runs' best (0.70, 0.71)
+    assert [figure2.steps_to(r, target) for r in bn] == [100, 200]
+    row = figure2.group_row("bn_x5", bn, target)
+    assert row["steps_to_target"] == {"mean": 150, "std": pytest.approx(70.7107, rel=1e-4)}
+    assert row["max_accuracy"]["mean"] == pytest.approx(0.805)
+    assert row["final_accuracy_population_stats"]["mean"] == pytest.approx(0.90)
+    assert row["reached_target"] == 2 and row["diverged"] == 0
+    row = figure2.group_row("inception_x5", failed, target)
+    assert row["diverged_at_steps"] == [150] and row["reached_target"] == 0
+    table3 = figure2.figure3(groups)
+    assert [r["label"] for r in table3["rows"]] == ["inception", "bn_x5", "inception_x5"]  # the paper's order
+    text = figure2.figure3_markdown(table3)
+    assert "2.1e6" in text and "73.0%" in text and "1 of 1 diverged (steps 150)" in text and "never" in text
+    with pytest.raises(ValueError, match="no 'inception' runs"):
+        figure2.reference_accuracy({"bn_x5": bn})
+    figure2.plot_accuracy_curves(groups, ["inception", "bn_x5"], target, str(tmp_path / "f.png"), x="wall_time")
+    assert os.path.getsize(tmp_path / "f.png") and os.path.getsize(tmp_path / "f.pdf")
+
+
+def test_the_sweep_plan_shares_workdirs_between_groups_with_the_same_run(monkeypatch):
+    script = load_script("scripts/reproduce_figure2.py", monkeypatch)
+    planned = script.plan(list(script.GROUPS), seeds=3)
+    runs = script.resolve(planned, "/r", [])
+    count = lambda group: sum(p.group == group for p in planned)  # noqa: E731
+    assert count("pilot") == 5 and count("figure2") == 21 and count("sigmoid") == 3
+    assert count("lr_sweep") == 3 * (6 + 8) and count("ablation") == 3 * 9
+    by_label = {(p.group, p.label, p.seed): runs[p].workdir for p in planned}
+    assert by_label["lr_sweep", "bn_x5 x5", 1] == "/r/figure2/bn_x5-seed1"
+    assert by_label["lr_sweep", "bn_x5 x30", 0] == "/r/figure2/bn_x30-seed0"
+    assert by_label["lr_sweep", "inception x5", 2] == "/r/figure2/inception_x5-seed2"
+    assert by_label["ablation", "1: learning rate back to x1", 0] == "/r/lr_sweep/bn_x5-lr_x1-seed0"
+    assert by_label["ablation", "bn_baseline (all seven undone)", 0] == "/r/figure2/bn_baseline-seed0"
+    assert by_label["pilot", "inception, lr 0.005", 0] == "/r/pilot/inception-lr0.005-seed0"
+    assert len(set(runs.values())) == 5 + 21 + 3 + (42 - 12) + (27 - 9)
+    # Group by group, and in each group every row's seed 0 before any seed 1.
+    assert [p.group for p in planned] == sorted((p.group for p in planned), key=script.GROUPS.index)
+    for group in script.GROUPS:
+        seeds = [p.seed for p in planned if p.group == group]
+        assert seeds == sorted(seeds)
+
+
+TINY = ("--config.model.width=0.0625", "--config.data.image_size=32", "--config.batch_size=8",
+        "--config.bn.virtual_batch_size=8", "--config.eval_batch_size=8", "--config.data.shuffle_window=8",
+        "--config.bn.population_batches=2", "--config.num_steps=4", "--config.eval_every=2",
+        "--config.checkpoint_every=2", "--config.eval_at=()")
+
+
+def test_the_sweep_end_to_end_skips_finished_runs_and_resumes_interrupted_ones(tmp_path, monkeypatch, capsys):
+    _, checksums = synthetic_files(tmp_path / "data" / "downloads" / "manual")
+    fashion_mnist_data.prepare_fashion_mnist(str(tmp_path / "data"), expected=checksums)
+    script = load_script("scripts/reproduce_figure2.py", monkeypatch)
+    root, results = tmp_path / "runs", tmp_path / "results"
+    argv = [f"--workdir={root}", f"--results={results}", "--groups=figure2", "--variants=inception,bn_x5",
+            "--seeds=1", "--jobs=1", f"--config.data.data_dir={tmp_path / 'data'}", *TINY]
+    assert script.main(argv) == 0
+    for name in ("figure2.png", "figure2.pdf", "figure2_wall_time.png", "figure3.md", "figure3.json"):
+        assert os.path.getsize(results / name), name
+    header, rows = table((results / "figure3.md").read_text())
+    assert [r[0] for r in rows] == ["inception", "bn_x5"] and header[-1] == "paper: max top-1"
+    assert rows[1][-1] == "73.0%" and rows[0][2] == "1"
+    saved = json.loads((results / "figure3.json").read_text())
+    assert saved["rows"][1]["final_accuracy_population_stats"]["mean"] is not None  # Algorithm 2 ran
+    assert sorted(os.listdir(results / "runs" / "figure2" / "bn_x5-seed0")) == [
+        "config.json", "metrics.jsonl", "summary.json"]
+    config = json.loads((root / "figure2" / "bn_x5-seed0" / "config.json").read_text())
+    assert config["data"]["dataset"] == "fashion_mnist" and config["variant"] == "bn_x5:fashion"
+
+    # Interrupt bn_x5 after its step-2 checkpoint: what a kill before step 4 leaves.
+    bn = root / "figure2" / "bn_x5-seed0"
+    lines = metrics_lines(bn)
+    (bn / "summary.json").unlink()
+    shutil.rmtree(bn / "final_model")
+    shutil.rmtree(bn / "checkpoints" / "4")
+    (bn / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2
+                                              and "after_training" not in line))
+    inception_lines = metrics_lines(root / "figure2" / "inception-seed0")
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    assert "1 of 2 runs finished; running 1, 1 at a time." in capsys.readouterr().out
+    assert metrics_lines(root / "figure2" / "inception-seed0") == inception_lines  # skipped, not rerun
+    assert_resumed_from(bn, lines, checkpoint_step=2)
+    assert sweep.is_finished(bn)
+
+
+def test_sweep_progress_reads_the_last_step_and_tolerates_a_torn_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2}\n{"step": 5}\n{"step": 7, "val')
+    assert sweep.fraction_done(str(tmp_path), 10) == 0.5
+    (tmp_path / "summary.json").write_text("{}")
+    assert sweep.fraction_done(str(tmp_path), 10) == 1.0
+    assert sweep.fraction_done(str(tmp_path / "none"), 10) == 0.0
+    assert sweep.format_duration(3725) == "1h02m" and sweep.format_duration(65) == "1m05s"
