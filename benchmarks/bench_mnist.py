@@ -37,8 +37,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from bn_repro.sweep import SINGLE_THREAD_XLA  # imports no JAX: the flags below are set before it starts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
 NETS = ("baseline", "bn")
 MARKER = "BENCH_JSON "
 

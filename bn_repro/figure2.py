@@ -97,6 +97,7 @@ def group_row(label: str, runs: Sequence[RunRecord], target: float) -> dict[str,
                   if run.summary and f"final_{key}_population_stats" in run.summary]
     diverged = sorted(run.summary["diverged_at_step"] for run in runs if run.summary and run.summary.get("diverged"))
     config = runs[0].config
+    chance = 1.0 / config.get("model", {}).get("num_classes", 1000)
     learning_rate = config["learning_rate"] * config.get("lr_multiplier", 1.0)
     return {
         "label": label,
@@ -110,6 +111,10 @@ def group_row(label: str, runs: Sequence[RunRecord], target: float) -> dict[str,
         "max_accuracy": dict(zip(("mean", "std"), mean_std(best))),
         "max_accuracy_each": [best_accuracy(run) for run in runs],
         "final_accuracy_population_stats": dict(zip(("mean", "std"), mean_std(population))),
+        "chance": chance,
+        # Finished without diverging, but never above twice the chance accuracy.
+        "did_not_learn": sum(b < 2 * chance for b, run in zip(best, runs)
+                             if run.summary and not run.summary.get("diverged")),
         "diverged": len(diverged),
         "diverged_at_steps": diverged,
         "paths": [run.path for run in runs],
@@ -130,17 +135,41 @@ def _steps_cell(row: Mapping[str, Any]) -> str:
 
 
 def _outcome(row: Mapping[str, Any]) -> str:
+    parts = []
     if row["diverged"]:
-        return f"{row['diverged']} of {row['runs']} diverged (steps {', '.join(f'{s:,}' for s in row['diverged_at_steps'])})"
-    return f"{row['finished']} of {row['runs']} finished" if row["finished"] < row["runs"] else "trained"
+        steps = ", ".join(f"{s:,}" for s in row["diverged_at_steps"])
+        parts.append(f"{row['diverged']} of {row['runs']} diverged (steps {steps})")
+    if row["did_not_learn"]:
+        parts.append(f"{row['did_not_learn']} of {row['runs']} did not learn (max < {2 * row['chance']:.0%}, "
+                     "2x chance)")
+    if row["finished"] < row["runs"]:
+        parts.append(f"{row['runs'] - row['finished']} of {row['runs']} unfinished")
+    return "; ".join(parts) or "trained"
 
 
-def rows_markdown(rows: Sequence[Mapping[str, Any]], target: float, label: str = "run") -> str:
-    """The rows as a Markdown table: steps to ``target`` and accuracies, mean ± std over seeds."""
+def _relative(row: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
+    """Steps to target as a multiple of the reference's, and max accuracy minus the reference's."""
+    steps, ref_steps = row["steps_to_target"]["mean"], reference["steps_to_target"]["mean"]
+    best, ref_best = row["max_accuracy"]["mean"], reference["max_accuracy"]["mean"]
+    return [NONE if steps is None or not ref_steps else f"x{steps / ref_steps:.2f}",
+            NONE if best is None or ref_best is None else f"{100 * (best - ref_best):+.2f} pts"]
+
+
+def rows_markdown(rows: Sequence[Mapping[str, Any]], target: float, label: str = "run",
+                  reference: Mapping[str, Any] | None = None) -> str:
+    """The rows as a Markdown table: steps to ``target`` and accuracies, mean ± std over seeds;
+    with a ``reference`` row, also each row's steps to target and max accuracy relative to it."""
     headers = [label, "initial lr", "seeds", f"steps to {target:.2%}", "max accuracy", "final, Algorithm 2",
                "outcome"]
-    lines = [[r["label"], f"{r['learning_rate']:g}", str(r["runs"]), _steps_cell(r), _pm(r["max_accuracy"], ".2%"),
-              _pm(r["final_accuracy_population_stats"], ".2%"), _outcome(r)] for r in rows]
+    if reference is not None:
+        headers[5:5] = [f"steps vs {reference['label']}", f"max vs {reference['label']}"]
+    lines = []
+    for r in rows:
+        line = [r["label"], f"{r['learning_rate']:g}", str(r["runs"]), _steps_cell(r), _pm(r["max_accuracy"], ".2%"),
+                _pm(r["final_accuracy_population_stats"], ".2%"), _outcome(r)]
+        if reference is not None:
+            line[5:5] = _relative(r, reference)
+        lines.append(line)
     return markdown_table((headers, lines))
 
 

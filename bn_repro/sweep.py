@@ -7,8 +7,11 @@ cores; README, "Fashion-MNIST").
 """
 
 import dataclasses
+import fcntl
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -35,9 +38,10 @@ def available_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-def launch(command: Sequence[str], core: int | None, log_path: str | None = None) -> subprocess.Popen:
+def launch(command: Sequence[str], core: int | None, log_path: str | None = None,
+           pass_fds: Sequence[int] = ()) -> subprocess.Popen:
     """Starts ``command``; with ``core``, pinned to it with single-threaded XLA.
-    Output goes to ``log_path`` (appended) if given."""
+    Output goes to ``log_path`` (appended) if given; ``pass_fds`` are inherited."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
     preexec = None
     if core is not None:
@@ -45,8 +49,8 @@ def launch(command: Sequence[str], core: int | None, log_path: str | None = None
         preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
     output = open(log_path, "a") if log_path else None  # noqa: SIM115 (the child keeps it)
     try:
-        return subprocess.Popen(list(command), env=env, preexec_fn=preexec, stdout=output, stderr=subprocess.STDOUT
-                                if output else None)
+        return subprocess.Popen(list(command), env=env, preexec_fn=preexec, stdout=output,
+                                stderr=subprocess.STDOUT if output else None, pass_fds=tuple(pass_fds))
     finally:
         if output:
             output.close()
@@ -57,21 +61,55 @@ def is_finished(workdir: str) -> bool:
     return os.path.isfile(os.path.join(workdir, "summary.json"))
 
 
-def fraction_done(workdir: str, num_steps: int) -> float:
-    """How far the run in ``workdir`` is: 1 if finished, else its last recorded step / ``num_steps``."""
+def _records(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line being written
+                    pass
+    return records
+
+
+def fraction_done(workdir: str, eval_steps: Sequence[int]) -> float:
+    """How much of the run in ``workdir`` is done, counting its evaluations
+    (``eval_steps``, the last being the run's length) as well as its steps: 1 if
+    finished, else (steps + E x evaluations so far) / (all steps + E x all
+    evaluations), where E, an evaluation's cost in training steps, comes from
+    the run's own records (wall time between two evaluations minus the time
+    their steps took)."""
     if is_finished(workdir):
         return 1.0
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    records = [r for r in _records(workdir) if "steps_per_sec" in r and "wall_time_s" in r]
+    if not records:
         return 0.0
-    step = 0
-    with open(path) as f:
-        for line in f:
-            try:
-                step = max(step, json.loads(line).get("step", 0))
-            except json.JSONDecodeError:  # a line being written
-                pass
-    return min(1.0, step / num_steps)
+    step = records[-1]["step"]
+    costs = [(b["wall_time_s"] - a["wall_time_s"]) * b["steps_per_sec"] - (b["step"] - a["step"])
+             for a, b in zip(records, records[1:])]
+    cost = max(0.0, statistics.median(costs)) if costs else 0.0
+    done = step + cost * sum(s <= step for s in eval_steps)
+    return min(1.0, done / (eval_steps[-1] + cost * len(eval_steps)))
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the run's lock."""
+
+
+def lock(workdir: str) -> int:
+    """An exclusive lock on ``<workdir>.lock``, as an open file descriptor: the
+    run's process inherits it, so that no second sweep starts the same run
+    while it lives. AlreadyRunning if another process holds it."""
+    os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+    fd = os.open(workdir + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"{workdir} is being run by another process (it holds {workdir}.lock)") from None
+    return fd
 
 
 def format_duration(seconds: float) -> str:
@@ -81,49 +119,81 @@ def format_duration(seconds: float) -> str:
 
 
 def run_all(
-    runs: Sequence[Run], num_steps: Callable[[Run], int], jobs: int, progress_every: float = 60.0,
+    runs: Sequence[Run], eval_steps: Callable[[Run], Sequence[int]], jobs: int, progress_every: float = 60.0,
     print_fn: Callable[[str], None] = print,
 ) -> list[Run]:
     """Runs every unfinished run of ``runs``, ``jobs`` at a time (pinned one per
     core if ``jobs`` > 1, else one after the other on all cores), printing
-    progress and an estimate of the time left every ``progress_every`` seconds.
-    Each run's output goes to ``<workdir>.log``. Returns the runs that failed
-    (non-zero exit); running it again resumes them."""
+    progress and an estimate of the time left every ``progress_every`` seconds
+    (``eval_steps(run)``: its evaluation steps, for the estimate). Each run's
+    output goes to ``<workdir>.log``. A run that another sweep is running is
+    left to it. On SIGTERM or Ctrl-C the runs are stopped (they resume from their
+    last checkpoints next time). Returns the runs that failed (non-zero exit) or
+    were stopped; running it again resumes them."""
     pending = [run for run in runs if not is_finished(run.workdir)]
-    total = {run: num_steps(run) for run in runs}
+    schedule = {run: list(eval_steps(run)) for run in pending}
     cores = available_cores()
     pinned = jobs > 1 and len(cores) >= jobs
     print_fn(f"{len(runs) - len(pending)} of {len(runs)} runs finished; running {len(pending)}, "
              f"{jobs} at a time{' (one per core, single-threaded XLA)' if pinned else ''}.")
     start = time.perf_counter()
-    done_at_start = {run: fraction_done(run.workdir, total[run]) for run in pending}
+    done_at_start = {run: fraction_done(run.workdir, schedule[run]) for run in pending}
     running: dict[Run, tuple[subprocess.Popen, int | None]] = {}
     failed: list[Run] = []
     last_report = start
     queue = list(pending)
-    while queue or running:
-        free = [c for c in cores if c not in {core for _, core in running.values()}] if pinned else [None]
-        while queue and len(running) < jobs and free:
-            run, core = queue.pop(0), free.pop(0)
-            os.makedirs(os.path.dirname(os.path.abspath(run.workdir)), exist_ok=True)
-            running[run] = (launch(run.command(), core, run.workdir + ".log"), core)
-        time.sleep(0.5)
-        for run, (process, _) in list(running.items()):
-            if process.poll() is not None:
-                del running[run]
-                if process.returncode:
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while queue or running:
+            free = [c for c in cores if c not in {core for _, core in running.values()}] if pinned else [None]
+            while queue and len(running) < jobs and free:
+                run = queue.pop(0)
+                try:
+                    fd = lock(run.workdir)
+                except AlreadyRunning as error:
+                    print_fn(f"skipped: {error}")
                     failed.append(run)
-                    print_fn(f"FAILED (exit {process.returncode}): {run.workdir}; see {run.workdir}.log")
-                else:
-                    print_fn(f"finished {run.workdir}")
-        now = time.perf_counter()
-        if now - last_report >= progress_every or not (queue or running):
-            last_report = now
-            fractions = {run: fraction_done(run.workdir, total[run]) for run in pending}
-            progress = sum(fractions[r] - done_at_start[r] for r in pending if r not in failed)
-            left = sum(1.0 - fractions[r] for r in pending if r not in failed)
-            eta = f", about {format_duration(left * (now - start) / progress)} left" if progress > 0 and left else ""
-            finished = sum(is_finished(r.workdir) for r in runs)
-            print_fn(f"[{format_duration(now - start)}] {finished}/{len(runs)} runs finished, "
-                     f"{len(running)} running{eta}")
+                    continue
+                try:
+                    core = free.pop(0)
+                    running[run] = (launch(run.command(), core, run.workdir + ".log", pass_fds=(fd,)), core)
+                finally:
+                    os.close(fd)  # the run's process holds the lock now
+            time.sleep(0.5)
+            for run, (process, _) in list(running.items()):
+                if process.poll() is not None:
+                    del running[run]
+                    if process.returncode:
+                        failed.append(run)
+                        print_fn(f"FAILED (exit {process.returncode}): {run.workdir}; see {run.workdir}.log")
+                    else:
+                        print_fn(f"finished {run.workdir}")
+            now = time.perf_counter()
+            if now - last_report >= progress_every or not (queue or running):
+                last_report = now
+                print_fn(progress_line(runs, pending, schedule, done_at_start, failed, len(running), now - start))
+    except KeyboardInterrupt:
+        for process, _ in running.values():
+            process.terminate()
+        for run, (process, _) in running.items():
+            process.wait()
+            failed.append(run)
+        print_fn(f"Stopped; {len(running)} runs interrupted. Run the same command again to resume them.")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return failed
+
+
+def progress_line(runs: Sequence[Run], pending: Sequence[Run], schedule: dict, done_at_start: dict,
+                  failed: Sequence[Run], running: int, elapsed: float) -> str:
+    """Finished and running runs, and the time left at the rate work got done since the sweep started."""
+    fractions = {run: fraction_done(run.workdir, schedule[run]) for run in pending}
+    progress = sum(fractions[r] - done_at_start[r] for r in pending if r not in failed)
+    left = sum(1.0 - fractions[r] for r in pending if r not in failed)
+    eta = f", about {format_duration(left * elapsed / progress)} left" if progress > 0 and left else ""
+    finished = sum(is_finished(r.workdir) for r in runs)
+    return f"[{format_duration(elapsed)}] {finished}/{len(runs)} runs finished, {running} running{eta}"

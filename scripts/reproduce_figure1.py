@@ -20,18 +20,17 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 
 from bn_repro import metrics as metrics_lib
 from bn_repro import mnist_data, plots, run_records
+from bn_repro.sweep import available_cores, launch
 from bn_repro.main import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = ("baseline", "bn")
-SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -59,15 +58,6 @@ def run_command(variant: str, workdir: str, overrides: list[str]) -> list[str]:
     ]
 
 
-def launch(command: list[str], core: int | None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    preexec = None
-    if core is not None:
-        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SINGLE_THREAD_XLA]))
-        preexec = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
-    return subprocess.Popen(command, env=env, preexec_fn=preexec)
-
-
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     # Check the overrides, and prepare (or verify) the data once, before two
@@ -79,7 +69,7 @@ def main(argv: list[str]) -> int:
         expected=mnist_data.REAL_MNIST if data.verify_checksums else None,
     )
 
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores = available_cores()
     side_by_side = len(cores) >= 2 and not args.sequential
     start = time.perf_counter()
     commands = {v: run_command(v, args.workdir, overrides) for v in VARIANTS}

@@ -41,7 +41,7 @@ import shutil
 import sys
 import time
 
-from bn_repro import compare, figure2, run_records, sweep
+from bn_repro import compare, figure2, run_records, sweep, train
 from bn_repro.main import load_config
 
 CONFIG = os.path.join(sweep.REPO, "configs", "imagenet.py")
@@ -128,8 +128,8 @@ def resolve(planned: list[Planned], root: str, overrides: list[str]) -> dict[Pla
     return runs
 
 
-def num_steps(run: sweep.Run) -> int:
-    return load_config(run.config, run.overrides).num_steps
+def evaluation_steps(run: sweep.Run) -> list[int]:
+    return train.evaluation_steps(load_config(run.config, run.overrides))
 
 
 def rows_by_label(planned: list[Planned], runs: dict[Planned, sweep.Run], group: str) -> dict[str, list]:
@@ -188,7 +188,9 @@ def report(planned: list[Planned], runs: dict[Planned, sweep.Run], root: str, re
         rows = [figure2.group_row(label, rs, target) for label, rs in groups.items()]
         run_records.write_json(os.path.join(results, f"{name}.json"),
                                {"target_accuracy": target, "command": command, "rows": rows})
-        write(os.path.join(results, f"{name}.md"), header + figure2.rows_markdown(rows, target) + "\n")
+        reference = rows[0] if group == "ablation" else None  # bn_x5 with all seven changes
+        write(os.path.join(results, f"{name}.md"), header + figure2.rows_markdown(rows, target, reference=reference)
+              + "\n")
         if group == "lr_sweep":
             series = {title: [(float(r["label"].rsplit("x", 1)[1]), r) for r in rows if r["label"].startswith(net)]
                       for net, title in LR_SWEEP_NETS.items()}
@@ -269,7 +271,7 @@ def main(argv: list[str]) -> int:
 
         fashion_mnist_data.prepare_fashion_mnist(load_config(unique[0].config, unique[0].overrides).data.data_dir)
         start = time.perf_counter()
-        failed = sweep.run_all(unique, num_steps, args.jobs, args.progress_every)
+        failed = sweep.run_all(unique, evaluation_steps, args.jobs, args.progress_every)
         wall_time = time.perf_counter() - start
         if failed:
             print(f"{len(failed)} runs failed (their logs: <workdir>.log); run the same command again to resume them.",

@@ -140,7 +140,7 @@ def imagenet_runs(tmp_path_factory, worker_id) -> dict:
 # last, so that pytest-xdist's workers (one file each at a time, --dist
 # loadfile) neither wait for those runs nor end with one long file running alone.
 SLOWEST_FIRST = ("test_imagenet_train.py", "test_parallel.py", "test_multihost.py", "test_scripts.py", "test_train.py",
-                 "test_torch_peer.py")
+                 "test_figure2.py", "test_torch_peer.py")
 LAST = ("test_ensemble.py",)
 
 

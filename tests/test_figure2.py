@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from bn_repro import compare, figure2, sweep
+from bn_repro import compare, figure2, run_records, sweep
 from conftest import assert_resumed_from, metrics_lines
 from test_fashion_mnist_data import synthetic_files
 from test_scripts import load_script, table
@@ -27,7 +27,7 @@ def fake_run(path, variant, curve, seed=0, diverged_at=None, population=None, lr
     if population is not None:
         summary["final_val_top1_population_stats"] = population
     config = {"experiment": "classification", "variant": f"{variant}:fashion", "seed": seed, "learning_rate": lr,
-              "lr_multiplier": 1.0}
+              "lr_multiplier": 1.0, "model": {"num_classes": 10}}
     return compare.RunRecord(str(path), config, records, summary)
 
 
@@ -37,8 +37,9 @@ def test_steps_to_target_best_accuracy_and_rows_over_seeds(tmp_path):
     bn = [fake_run(tmp_path / "b0", "bn_x5", {100: 0.705, 200: 0.9}, population=0.91),
           fake_run(tmp_path / "b1", "bn_x5", {100: 0.6, 200: 0.71}, seed=1, population=0.89)]
     failed = [fake_run(tmp_path / "f0", "inception_x5", {100: 0.1}, diverged_at=150)]
-    groups = figure2.group_by_variant([*inception, *bn, *failed])
-    assert sorted(groups) == ["bn_x5", "inception", "inception_x5"]
+    stuck = [fake_run(tmp_path / "s0", "inception_sigmoid", {100: 0.1, 200: 0.19})]
+    groups = figure2.group_by_variant([*inception, *bn, *failed, *stuck])
+    assert sorted(groups) == ["bn_x5", "inception", "inception_sigmoid", "inception_x5"]
     target = figure2.reference_accuracy(groups)
     assert target == pytest.approx(0.705)  # the mean of the inception runs' best (0.70, 0.71)
     assert [figure2.steps_to(r, target) for r in bn] == [100, 200]
@@ -49,10 +50,16 @@ def test_steps_to_target_best_accuracy_and_rows_over_seeds(tmp_path):
     assert row["reached_target"] == 2 and row["diverged"] == 0
     row = figure2.group_row("inception_x5", failed, target)
     assert row["diverged_at_steps"] == [150] and row["reached_target"] == 0
+    assert figure2.group_row("inception_sigmoid", stuck, target)["did_not_learn"] == 1
+    assert figure2.group_row("bn_x5", bn, target)["did_not_learn"] == 0
     table3 = figure2.figure3(groups)
-    assert [r["label"] for r in table3["rows"]] == ["inception", "bn_x5", "inception_x5"]  # the paper's order
+    assert [r["label"] for r in table3["rows"]] == ["inception", "bn_x5", "inception_x5", "inception_sigmoid"]
     text = figure2.figure3_markdown(table3)
     assert "2.1e6" in text and "73.0%" in text and "1 of 1 diverged (steps 150)" in text and "never" in text
+    assert "1 of 1 did not learn (max < 20%, 2x chance)" in text
+    reference = figure2.group_row("inception", inception, target)
+    _, relative = table(figure2.rows_markdown([figure2.group_row("bn_x5", bn, target)], target, reference=reference))
+    assert relative[0][5:7] == ["x0.75", "+10.00 pts"]  # 150 vs 200 steps; 80.5% vs 70.5%
     with pytest.raises(ValueError, match="no 'inception' runs"):
         figure2.reference_accuracy({"bn_x5": bn})
     figure2.plot_accuracy_curves(groups, ["inception", "bn_x5"], target, str(tmp_path / "f.png"), x="wall_time")
@@ -124,10 +131,85 @@ def test_the_sweep_end_to_end_skips_finished_runs_and_resumes_interrupted_ones(t
     assert sweep.is_finished(bn)
 
 
-def test_sweep_progress_reads_the_last_step_and_tolerates_a_torn_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 2}\n{"step": 5}\n{"step": 7, "val')
-    assert sweep.fraction_done(str(tmp_path), 10) == 0.5
+def test_sweep_progress_counts_evaluations_and_tolerates_a_torn_line(tmp_path):
+    # 10 steps/s, and each evaluation takes 1 s (= 10 steps of training): at step 20, 2 of 4 evaluations.
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 10, "steps_per_sec": 10, "wall_time_s": 2}\n{"step": 20, "steps_per_sec": 10, "wall_time_s": 4}\n'
+        '{"step": 30, "val')
+    assert sweep.fraction_done(str(tmp_path), [10, 20, 30, 40]) == pytest.approx((20 + 10 * 2) / (40 + 10 * 4))
     (tmp_path / "summary.json").write_text("{}")
-    assert sweep.fraction_done(str(tmp_path), 10) == 1.0
-    assert sweep.fraction_done(str(tmp_path / "none"), 10) == 0.0
+    assert sweep.fraction_done(str(tmp_path), [10, 20, 30, 40]) == 1.0
+    assert sweep.fraction_done(str(tmp_path / "none"), [10]) == 0.0
     assert sweep.format_duration(3725) == "1h02m" and sweep.format_duration(65) == "1m05s"
+
+
+def test_a_run_locked_by_another_sweep_is_not_started_twice(tmp_path):
+    fd = sweep.lock(str(tmp_path / "run"))
+    with pytest.raises(sweep.AlreadyRunning, match="run.lock"):
+        sweep.lock(str(tmp_path / "run"))
+    printed = []
+    run = sweep.Run(str(tmp_path / "run"), "configs/imagenet.py:bn_x5:small")
+    assert sweep.run_all([run], lambda r: [4], jobs=1, print_fn=printed.append) == [run]
+    assert any(line.startswith("skipped:") for line in printed)
+    os.close(fd)
+    os.close(sweep.lock(str(tmp_path / "run")))  # free again
+
+
+def write_fake_workdir(run, curve, diverged_at=None, population=0.5):
+    """A finished workdir for ``run`` (a sweep.Run) with evaluations ``curve``, as the entry point writes it."""
+    from bn_repro.main import load_config
+
+    os.makedirs(run.workdir, exist_ok=True)
+    config = load_config(run.config, run.overrides)
+    run_records.write_json(os.path.join(run.workdir, "config.json"), config.to_dict())
+    records = [{"step": s, "train_loss": 1.0, "val_top1": a, "wall_time_s": s / 100} for s, a in curve.items()]
+    summary = {"variant": config.variant}
+    if diverged_at:
+        records.append({"step": diverged_at, "diverged": True})
+        summary.update(diverged=True, diverged_at_step=diverged_at)
+    elif config.model.use_bn:
+        summary["final_val_top1_population_stats"] = population
+    run_records.write_json_lines(os.path.join(run.workdir, "metrics.jsonl"), records)
+    run_records.write_json(os.path.join(run.workdir, "summary.json"), summary)
+
+
+def test_every_table_and_figure_of_the_sweep_from_finished_workdirs(tmp_path, monkeypatch, capsys):
+    script = load_script("scripts/reproduce_figure2.py", monkeypatch)
+    root, results = tmp_path / "runs", tmp_path / "results"
+    runs = script.resolve(script.plan(list(script.GROUPS), seeds=1), str(root), [])
+    for planned, run in runs.items():
+        lr = float(run.overrides[-2].split("=")[1]) if planned.group == "pilot" else None
+        if planned.group == "pilot":
+            curve = {500: 0.3, 4000: 0.5 if lr == 0.015 else 0.4}
+        elif planned.variant == "inception" and planned.label in ("inception", "inception x1"):
+            curve = {100: 0.5, 1000: 0.8}
+        else:
+            curve = {100: 0.85, 1000: 0.9}
+        write_fake_workdir(run, curve, diverged_at=150 if planned.label == "inception x100" else None)
+    argv = ["--report_only", f"--workdir={root}", f"--results={results}", "--seeds=1"]
+    assert script.main(argv) == 0
+    assert "Wrote" in capsys.readouterr().out
+    for name in ("pilot_lr.md", "figure2.png", "figure2.pdf", "figure2_wall_time.png", "figure3.md",
+                 "figure3.json", "lr_sweep.png", "lr_sweep.md", "lr_sweep.json", "ablation.md", "ablation.json"):
+        assert os.path.getsize(results / name), name
+    _, pilot = table((results / "pilot_lr.md").read_text())
+    assert [r[1] for r in pilot] == ["0.0015", "0.005", "0.015", "0.05", "0.15"]
+    assert "Best: 0.015." in (results / "pilot_lr.md").read_text()
+    _, rows = table((results / "figure3.md").read_text())
+    assert [r[0] for r in rows] == [*script.FIGURE2_VARIANTS, script.SIGMOID_WITHOUT_BN]
+    assert rows[2][3] == "100 ± 0"  # bn_x5 reaches Inception's 80% at its first evaluation
+    _, sweep_rows = table((results / "lr_sweep.md").read_text())
+    assert len(sweep_rows) == 14 and any("1 of 1 diverged (steps 150)" in r[-1] for r in sweep_rows)
+    _, ablation = table((results / "ablation.md").read_text())
+    assert [r[0] for r in ablation][1:8] == [label for label, _ in script.ABLATION]
+    # Each run's record is kept, without checkpoints, once.
+    assert os.path.isfile(results / "runs" / "figure2" / "bn_x5-seed0" / "summary.json")
+    assert not os.path.exists(results / "runs" / "lr_sweep" / "bn_x5-lr_x5-seed0")
+
+    # Figures 2/3 from any set of workdirs, grouped by their configs' variant.
+    out = tmp_path / "from_runs"
+    paths = [str(root / "figure2" / f"{v}-seed0") for v in ("inception", "bn_x5", "bn_x30")]
+    assert script.main(["--from_runs", *paths, f"--results={out}"]) == 0
+    _, rows = table((out / "figure3.md").read_text())
+    assert [r[0] for r in rows] == ["inception", "bn_x5", "bn_x30"]
+    assert os.path.getsize(out / "figure2.png")
