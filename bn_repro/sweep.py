@@ -120,13 +120,14 @@ def format_duration(seconds: float) -> str:
 
 def run_all(
     runs: Sequence[Run], eval_steps: Callable[[Run], Sequence[int]], jobs: int, progress_every: float = 60.0,
-    print_fn: Callable[[str], None] = print,
+    print_fn: Callable[[str], None] = print, on_finished: Callable[[Run], None] | None = None,
 ) -> list[Run]:
     """Runs every unfinished run of ``runs``, ``jobs`` at a time (pinned one per
     core if ``jobs`` > 1, else one after the other on all cores), printing
     progress and an estimate of the time left every ``progress_every`` seconds
     (``eval_steps(run)``: its evaluation steps, for the estimate). Each run's
-    output goes to ``<workdir>.log``. A run that another sweep is running is
+    output goes to ``<workdir>.log``; ``on_finished(run)`` is called as each
+    ends well. A run that another sweep is running is
     left to it. On SIGTERM or Ctrl-C the runs are stopped (they resume from their
     last checkpoints next time). Returns the runs that failed (non-zero exit) or
     were stopped; running it again resumes them."""
@@ -172,6 +173,8 @@ def run_all(
                         print_fn(f"FAILED (exit {process.returncode}): {run.workdir}; see {run.workdir}.log")
                     else:
                         print_fn(f"finished {run.workdir}")
+                        if on_finished:
+                            on_finished(run)
             now = time.perf_counter()
             if now - last_report >= progress_every or not (queue or running):
                 last_report = now

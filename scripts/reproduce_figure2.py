@@ -16,10 +16,12 @@ minute. Run groups, in this order (``--groups`` picks some):
             LR_MULTIPLIERS (and BN_EXTRA_MULTIPLIERS for the BN net)
   ablation  bn_x5 with one Sec. 4.2.1 change undone at a time
 
+Each finished run's metrics.jsonl, config.json and summary.json (not its
+checkpoints) are kept under ``--results``/runs/, and restored from there into a
+missing workdir (a fresh checkout), so that finished runs are never redone.
 The tables and figures of every group whose runs have all finished go to
 ``--results``: pilot_lr.md, figure2.png/.pdf (and figure2_wall_time.png),
-figure3.md/.json, lr_sweep.png/.md/.json, ablation.md/.json, and each run's
-metrics.jsonl, config.json and summary.json under runs/ (not checkpoints).
+figure3.md/.json, lr_sweep.png/.md/.json, ablation.md/.json.
 
     python scripts/reproduce_figure2.py                       # the whole sweep, resumable
     python scripts/reproduce_figure2.py --groups=figure2 --seeds=5
@@ -195,9 +197,33 @@ def report(planned: list[Planned], runs: dict[Planned, sweep.Run], root: str, re
             series = {title: [(float(r["label"].rsplit("x", 1)[1]), r) for r in rows if r["label"].startswith(net)]
                       for net, title in LR_SWEEP_NETS.items()}
             figure2.plot_lr_sweep(series, target, os.path.join(results, "lr_sweep.png"))
-    for run in dict.fromkeys(runs[p] for p in planned if p.group in complete):
-        copy_run_files(run.workdir, os.path.join(results, "runs", os.path.relpath(run.workdir, root)))
     return complete
+
+
+def record_path(run: sweep.Run, root: str, results: str) -> str:
+    """Where the run's record is kept under ``results`` (runs/<group>/<name>)."""
+    return os.path.join(results, "runs", os.path.relpath(run.workdir, root))
+
+
+def keep_records(runs: list[sweep.Run], root: str, results: str) -> None:
+    """Each finished run's record into ``results``, so that it outlives the workdir (e.g. on another machine)."""
+    for run in runs:
+        if sweep.is_finished(run.workdir):
+            copy_run_files(run.workdir, record_path(run, root, results))
+
+
+def restore_records(runs: list[sweep.Run], root: str, results: str) -> list[sweep.Run]:
+    """A finished run whose workdir is gone (a fresh checkout) gets its kept
+    record back, so that it is skipped and reported; returns those runs."""
+    restored = []
+    for run in runs:
+        kept = record_path(run, root, results)
+        if not sweep.is_finished(run.workdir) and os.path.isfile(os.path.join(kept, "summary.json")):
+            if os.path.exists(os.path.join(run.workdir, "checkpoints")):
+                continue  # a workdir of its own (e.g. a rerun under way): left alone
+            copy_run_files(kept, run.workdir)
+            restored.append(run)
+    return restored
 
 
 def last_train_loss(run: compare.RunRecord) -> float:
@@ -264,6 +290,9 @@ def main(argv: list[str]) -> int:
     planned = plan(args.groups, args.seeds, args.variants)
     runs = resolve(planned, args.workdir, overrides)
     unique = list(dict.fromkeys(runs.values()))
+    restored = restore_records(unique, args.workdir, args.results)
+    if restored:
+        print(f"{len(restored)} finished runs restored from {args.results}/runs.")
     wall_time = None
     if not args.report_only:
         # Prepare (or verify) the data once, before several processes read it.
@@ -271,11 +300,13 @@ def main(argv: list[str]) -> int:
 
         fashion_mnist_data.prepare_fashion_mnist(load_config(unique[0].config, unique[0].overrides).data.data_dir)
         start = time.perf_counter()
-        failed = sweep.run_all(unique, evaluation_steps, args.jobs, args.progress_every)
+        keep = lambda run: copy_run_files(run.workdir, record_path(run, args.workdir, args.results))  # noqa: E731
+        failed = sweep.run_all(unique, evaluation_steps, args.jobs, args.progress_every, on_finished=keep)
         wall_time = time.perf_counter() - start
         if failed:
             print(f"{len(failed)} runs failed (their logs: <workdir>.log); run the same command again to resume them.",
                   file=sys.stderr)
+    keep_records(unique, args.workdir, args.results)
     complete = report(planned, runs, args.workdir, args.results, command, wall_time)
     missing = [g for g in args.groups if g not in complete]
     print(f"Wrote {args.results}: {', '.join(complete) or 'nothing yet'}"

@@ -206,6 +206,14 @@ def test_every_table_and_figure_of_the_sweep_from_finished_workdirs(tmp_path, mo
     assert os.path.isfile(results / "runs" / "figure2" / "bn_x5-seed0" / "summary.json")
     assert not os.path.exists(results / "runs" / "lr_sweep" / "bn_x5-lr_x5-seed0")
 
+    # A fresh checkout: the workdirs are gone, the kept records bring the finished runs back.
+    shutil.rmtree(root / "figure2")
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    assert "7 finished runs restored from" in capsys.readouterr().out  # figure2, 1 seed
+    assert table((results / "figure3.md").read_text())[1] == rows
+    assert (root / "figure2" / "bn_x5-seed0" / "summary.json").is_file()
+
     # Figures 2/3 from any set of workdirs, grouped by their configs' variant.
     out = tmp_path / "from_runs"
     paths = [str(root / "figure2" / f"{v}-seed0") for v in ("inception", "bn_x5", "bn_x30")]
