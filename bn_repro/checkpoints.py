@@ -2,10 +2,12 @@
 final model (parameters and the BN statistics it is evaluated with)."""
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 def checkpoint_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -19,16 +21,53 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     manager.wait_until_finished()
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int]:
-    """The newest checkpoint restored into ``target``'s structure, and its step.
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be read."""
 
-    Returns ``(target, 0)`` when there is none.
+
+DAMAGED = "checkpoints_damaged"
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int]:
+    """The newest readable checkpoint restored into ``target``'s structure, and its step.
+
+    A checkpoint that cannot be read (e.g. files truncated by a disk fault or
+    a copy cut short) is reported with its step and path, and the next newest
+    is tried; once one is read, the unreadable newer ones are moved aside to
+    ``<workdir>/checkpoints_damaged/<step>`` (never deleted), so that the run
+    writes those steps afresh. Returns ``(target, 0)`` when there is none;
+    CheckpointError, naming the directory and what to do, when none can be
+    read (the checkpoints are then left as they are).
     """
-    step = manager.latest_step()
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         return target, 0
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+    directory = os.fspath(manager.directory)
+    damaged = []
+    for step in steps:
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as error:  # noqa: BLE001 (orbax, tensorstore and JSON errors alike)
+            logging.warning("The checkpoint at step %d (%s) cannot be read (%s: %s); trying the next newest.",
+                            step, os.path.join(directory, str(step)), type(error).__name__, str(error)[:300])
+            damaged.append(step)
+            continue
+        for bad in damaged:
+            aside = os.path.join(os.path.dirname(directory), DAMAGED, str(bad))
+            if os.path.exists(aside):
+                shutil.rmtree(aside)  # an older copy of the same damaged step
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(directory, str(bad)), aside)
+            logging.warning("Resuming from step %d; the unreadable checkpoint of step %d is now in %s.", step, bad, aside)
+        if damaged:
+            manager.reload()
+        return state, step
+    raise CheckpointError(
+        f"No checkpoint in {directory} can be read (steps {', '.join(map(str, steps))}; the errors are logged above). "
+        f"To continue the run, put an intact copy of a checkpoint in {directory}/<step>; to start it over, "
+        f"delete {directory} (and the run's metrics.jsonl) or give it a new --workdir."
+    )
 
 
 FINAL_MODEL = "final_model"

@@ -35,6 +35,17 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (wi
 CONFIG_PREFIX = "--config."
 
 
+def check_config_file(argv: list[str]) -> None:
+    """Raises ``flags.IllegalFlagValueError`` naming the path if ``--config=path[:variant]`` is not a file
+    (ml_collections' own error names neither)."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+        raise flags.IllegalFlagValueError(
+            f"--config={spec}: no config file {os.path.abspath(spec.partition(':')[0])!r}; give a path to one of "
+            "the files in configs/, optionally with a variant, e.g. --config=configs/mnist.py:bn"
+        )
+
+
 def check_override_fields(argv: list[str]) -> None:
     """Raises ``flags.IllegalFlagValueError`` for a ``--config.a.b=v`` naming no field.
 
@@ -62,6 +73,7 @@ def check_override_fields(argv: list[str]) -> None:
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config ``--config=spec`` with ``--config.FIELD=VALUE`` overrides, as main sees it."""
     argv = ["load_config", f"--config={spec}", *overrides]
+    check_config_file(argv)
     check_override_fields(argv)
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
@@ -72,6 +84,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with unknown config fields caught up front."""
     try:
+        check_config_file(argv)
         check_override_fields(argv)
         return flags.FLAGS(argv)
     except flags.Error as error:
@@ -82,6 +95,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        train.check_workdir(_WORKDIR.value)
+    except NotADirectoryError as error:
+        raise app.UsageError(str(error)) from None
     logging.set_verbosity(logging.INFO)
     # Keep the terminal to our progress lines: orbax logs every save at INFO.
     logging.get_absl_logger().addFilter(

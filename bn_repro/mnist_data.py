@@ -161,8 +161,16 @@ def build_once(builder_class: type[tfds.core.GeneratorBasedBuilder], data_dir: s
     """Prepares `builder_class`'s dataset in `data_dir` as array_record unless it is already
     there; True if it did. `source()` gives the builder's source arguments; it is called
     only when preparing (it may fetch or check files)."""
-    builder = builder_class(data_dir=data_dir)
-    if builder.is_prepared():
+    try:
+        builder = builder_class(data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except Exception as error:  # a damaged dataset_info.json: protobuf's ParseError, JSONDecodeError, ...
+        path = os.path.join(data_dir, builder_class.name, str(builder_class.VERSION))
+        raise MnistDataError(
+            f"{path} holds a prepared dataset that cannot be read ({type(error).__name__}: {str(error)[:200]}). "
+            f"{redo_advice(data_dir, builder_class.name)}"
+        ) from None
+    if prepared:
         return False
     if builder.data_path.exists():  # TFDS would silently reuse it.
         raise MnistDataError(

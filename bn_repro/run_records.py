@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import jax
 import ml_collections
+from absl import logging
 
 TIMING_KEYS = frozenset({"wall_time_s", "steps_per_sec"})
 # Marks records written once training has ended (e.g. the evaluation with
@@ -23,12 +24,33 @@ TIMING_KEYS = frozenset({"wall_time_s", "steps_per_sec"})
 AFTER_TRAINING = "after_training"
 
 
+class MetricsFileError(ValueError):
+    """A metrics.jsonl line other than the last cannot be read."""
+
+
 def read_metrics(path: str) -> list[dict]:
-    """All records of a metrics.jsonl file (an empty list if it does not exist)."""
+    """All records of a metrics.jsonl file (an empty list if it does not exist).
+
+    A torn last line (a partial record, as a kill mid-write or a full disk
+    leaves it) is dropped with a warning; an unreadable line before it is an
+    error naming the file and line.
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if i < len(lines) - 1:
+                raise MetricsFileError(
+                    f"{path}, line {number}: not a JSON record ({error}); only a torn last line is dropped. "
+                    "Repair or remove that line to continue the run."
+                ) from None
+            logging.warning("%s: dropping its torn last line %d (%r): a record cut short", path, number, line[:80])
+    return records
 
 
 def append_metrics(path: str, record: dict) -> None:

@@ -308,6 +308,13 @@ def _record(metrics_path: str, record: dict) -> None:
         run_records.append_metrics(metrics_path, record)
 
 
+def check_workdir(workdir: str) -> None:
+    """NotADirectoryError naming ``workdir`` if it exists and is not a directory."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory: give a directory for the run's "
+                                 "files (it is created if it does not exist)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command: str = "") -> dict:
     """Trains, evaluating at :func:`evaluation_steps`, and returns the run's summary.
 
@@ -325,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     validate_config(config)
     setup = create_setup(config)
     layout = setup.layout
+    check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
     metrics_path = os.path.join(workdir, "metrics.jsonl")

@@ -106,6 +106,24 @@ def test_main_exits_with_the_field_named(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_main_names_a_missing_config_file_and_a_workdir_that_is_a_file(tmp_path):
+    missing = subprocess.run(
+        [sys.executable, "-m", "bn_repro.main", "--config=configs/nope.py:bn", f"--workdir={tmp_path / 'w'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert missing.returncode == 2
+    assert f"--config=configs/nope.py:bn: no config file '{os.path.join(REPO, 'configs', 'nope.py')}'" in missing.stderr
+    (tmp_path / "file").write_text("keep me")
+    a_file = subprocess.run(
+        [sys.executable, "-m", "bn_repro.main", f"--config={CONFIG}:bn", f"--workdir={tmp_path / 'file'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert a_file.returncode != 0 and "Traceback" not in a_file.stderr
+    assert f"--workdir {tmp_path / 'file'} is a file, not a directory" in a_file.stderr
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert not (tmp_path / "w").exists()
+
+
 # ImageNet (Sec. 4.2): each variant differs from its reference in exactly the
 # fields the paper names.
 

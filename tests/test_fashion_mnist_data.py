@@ -89,3 +89,13 @@ def test_the_real_files_match_their_checksums():
     # .ci/run installs the Debian package, so this runs in CI.
     source = fashion_mnist_data.read_source(fashion_mnist_data.DEBIAN_DIR)
     assert [len(labels) for _, labels in source.values()] == [60_000, 10_000]
+
+
+def test_a_damaged_dataset_info_is_named_with_what_to_do(tmp_path):
+    _, checksums = synthetic_files(tmp_path / "downloads" / "manual")
+    fashion_mnist_data.prepare_fashion_mnist(str(tmp_path), expected=checksums)
+    info = tmp_path / "fashion_mnist" / "3.0.1" / "dataset_info.json"
+    info.write_text(info.read_text()[:40])  # cut short
+    with pytest.raises(MnistDataError, match=r"fashion_mnist/3.0.1 holds a prepared dataset that cannot be read.*"
+                                             r"Delete .*fashion_mnist and re-run"):
+        fashion_mnist_data.prepare_fashion_mnist(str(tmp_path), expected=checksums)

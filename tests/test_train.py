@@ -99,6 +99,57 @@ def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def truncate_files(directory) -> None:
+    """Cuts every file under ``directory`` to half its size: what a disk fault or a copy cut short leaves."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+
+
+def test_a_damaged_checkpoint_or_a_torn_metrics_line_does_not_stop_a_resume(small_mnist_dir, tmp_path, monkeypatch,
+                                                                           caplog):
+    """The newest checkpoint unreadable: the run says so, resumes from the next newest and ends as an uninterrupted
+    run; a torn last metrics line is dropped with a warning; no readable checkpoint at all: an error naming the
+    directory, the checkpoints left as they were."""
+    config = small_config(small_mnist_dir, "bn")
+    uninterrupted = tmp_path / "uninterrupted"
+    train.train_and_evaluate(config, str(uninterrupted))
+    resumed = tmp_path / "resumed"
+    train_interrupted_after(config, resumed, 250, monkeypatch)  # checkpoints at 100 and 200
+    lines_before = metrics_lines(resumed)
+    truncate_files(resumed / "checkpoints" / "200")
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 300, "train_loss": 0.1')  # torn
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, str(resumed))
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"checkpoint at step 200 ({resumed / 'checkpoints' / '200'}) cannot be read" in warnings
+    assert "dropping its torn last line" in warnings
+    assert (resumed / "checkpoints_damaged" / "200").is_dir()
+    assert_resumed_from(resumed, lines_before, 100)
+    want = run_records.read_metrics(str(uninterrupted / "metrics.jsonl"))
+    assert deterministic(run_records.read_metrics(str(resumed / "metrics.jsonl"))) == deterministic(want)
+
+    # Every checkpoint damaged: refused, naming the directory; nothing moved or rewritten.
+    broken = tmp_path / "broken"
+    train_interrupted_after(config, broken, 250, monkeypatch)
+    for step in ("100", "200"):
+        truncate_files(broken / "checkpoints" / step)
+    lines = metrics_lines(broken)
+    with pytest.raises(checkpoints.CheckpointError, match=f"No checkpoint in {broken / 'checkpoints'} can be read"):
+        train.train_and_evaluate(config, str(broken))
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "200"]
+    assert metrics_lines(broken) == lines
+
+
+def test_an_unreadable_metrics_line_before_the_last_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "torn\n{"step": 3}\n')
+    with pytest.raises(run_records.MetricsFileError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        run_records.read_metrics(str(path))
+
+
 def test_streamed_batches_match_the_on_device_loop(small_mnist_dir, tmp_path):
     """Feeding the same batches one step at a time from the host gives the same run."""
     on_device = train.train_and_evaluate(small_config(small_mnist_dir, num_steps=150), str(tmp_path / "a"))
