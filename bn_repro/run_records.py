@@ -9,10 +9,12 @@ that differ between two runs of the same config on the same machine
 """
 
 import json
+import math
 import os
 import platform
 import subprocess
 from collections.abc import Iterable
+from typing import Any
 
 import jax
 import ml_collections
@@ -175,3 +177,25 @@ def environment_info(command: str) -> dict:
         "git_dirty": dirty,
         "command": command,
     }
+
+
+TENSORBOARD = "tensorboard"
+
+
+def tensorboard_writer(workdir: str, start_step: int) -> Any:
+    """A TensorBoard event writer for ``<workdir>/tensorboard`` (tensorboardX: no TensorFlow).
+    A run resumed from step ``start_step`` purges the events a killed process wrote after it."""
+    import tensorboardX  # imported here: only the writing process needs it
+
+    return tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD),
+                                      purge_step=start_step + 1 if start_step else None)
+
+
+def write_scalars(writer: Any, step: int, scalars: dict) -> None:
+    """Every finite number of ``scalars`` at ``step`` (``metrics.jsonl`` stays the source of truth)."""
+    if writer is None:
+        return
+    for tag, value in scalars.items():
+        if tag != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            writer.add_scalar(tag, value, step)
+    writer.flush()

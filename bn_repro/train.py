@@ -105,6 +105,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         value = field(config, name)
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    log_every = config.get("log_every", config.eval_every)
+    if not (isinstance(log_every, int) and log_every > 0):
+        raise ValueError(f"config.log_every must be a positive integer, got {log_every!r}")
     eval_at = config.get("eval_at", ())
     if not all(isinstance(s, int) and s > 0 for s in eval_at):
         raise ValueError(f"config.eval_at must be a tuple of positive step numbers, got {eval_at!r}")
@@ -308,6 +311,18 @@ def _record(metrics_path: str, record: dict) -> None:
         run_records.append_metrics(metrics_path, record)
 
 
+def log_progress(config: ml_collections.ConfigDict, step: int, losses: np.ndarray, steps_per_sec: float,
+                 seconds_per_step: float) -> None:
+    """A progress line: step, mean train loss since the last line, steps/s and images/s over those steps, and
+    the time left at this process's average pace so far (evaluations included)."""
+    left = (config.num_steps - step) * seconds_per_step
+    logging.info(
+        "[%s] step %d/%d  train_loss %.4f  %.1f steps/s  %.0f images/s  about %s left",
+        config.variant, step, config.num_steps, float(losses.mean()), steps_per_sec, steps_per_sec * config.batch_size,
+        time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 86400:.1f} days",
+    )
+
+
 def check_workdir(workdir: str) -> None:
     """NotADirectoryError naming ``workdir`` if it exists and is not a directory."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -356,30 +371,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
 
     accuracy_key = experiment.accuracy_keys[0]
+    writer = run_records.tensorboard_writer(workdir, step) if is_primary() else None
+    learning_rate = create_learning_rate_schedule(config, experiment.steps_per_epoch)
     start = time.perf_counter()
     diverged_at = None
     eval_steps = evaluation_steps(config)
+    log_every = config.get("log_every", config.eval_every)
+    first_step, interval_losses, interval_time = step, [], 0.0
     while step < config.num_steps:
-        num_steps = next(s for s in eval_steps if s > step) - step
+        next_eval = next(s for s in eval_steps if s > step)
+        num_steps = min(next_eval, (step // log_every + 1) * log_every) - step
         chunk_start = time.perf_counter()
         state, losses = experiment.run_steps(state, step, num_steps)
         losses = np.asarray(jax.device_get(losses))
-        steps_per_sec = num_steps / (time.perf_counter() - chunk_start)
+        chunk_time = time.perf_counter() - chunk_start
         bad = metrics_lib.first_non_finite(losses.tolist())
         if bad is None and not params_finite(state.params):
             bad = num_steps - 1
         if bad is not None:
             diverged_at = step + bad + 1
             _record(metrics_path, {"step": diverged_at, "diverged": True})
+            run_records.write_scalars(writer, diverged_at, {"diverged": 1.0})
             logging.error("Training diverged: non-finite loss or parameters at step %d", diverged_at)
             break
         step += num_steps
+        interval_losses.append(losses)
+        interval_time += chunk_time
+        if step < next_eval:  # a progress line between evaluations
+            log_progress(config, step, losses, num_steps / chunk_time,
+                         (time.perf_counter() - start) / (step - first_step))
+            run_records.write_scalars(writer, step, {"train_loss": float(losses.mean()),
+                                                     "steps_per_sec": num_steps / chunk_time,
+                                                     "learning_rate": float(learning_rate(step))})
+            continue
+        losses, steps_per_sec = np.concatenate(interval_losses), sum(map(len, interval_losses)) / interval_time
+        interval_losses, interval_time = [], 0.0
         state = layout.sync_batch_stats(state)
         record = {"step": step, "train_loss": float(losses.mean())}
         record.update(experiment.evaluate(single_program(state)))
         record["steps_per_sec"] = steps_per_sec
         record["wall_time_s"] = wall_time_before + time.perf_counter() - start
         _record(metrics_path, record)
+        run_records.write_scalars(writer, step, {**record, "learning_rate": float(learning_rate(step))})
         logging.info(
             "[%s] step %d/%d  %.1f steps/s  train_loss %.4f  %s %.4f",
             config.variant, step, config.num_steps, steps_per_sec, record["train_loss"],
@@ -407,8 +440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             for key in experiment.accuracy_keys:
                 summary[f"final_{key}_population_stats"] = final[key]
             summary["population_batches"] = config.bn.population_batches
-            _record(metrics_path, {"step": step, run_records.AFTER_TRAINING: True,
-                                   **{f"{key}_population_stats": final[key] for key in experiment.population_keys}})
+            population = {f"{key}_population_stats": final[key] for key in experiment.population_keys}
+            _record(metrics_path, {"step": step, run_records.AFTER_TRAINING: True, **population})
+            run_records.write_scalars(writer, step, population)
         checkpoints.save_final_model(workdir, {"params": state.params, "batch_stats": state.batch_stats})
     summary["wall_time_s"] = wall_time
     rates = [r["steps_per_sec"] for r in records[1:] if "steps_per_sec" in r]  # [0] includes compilation
@@ -420,4 +454,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     if is_primary():
         run_records.write_json(os.path.join(workdir, "summary.json"), summary)
     manager.close()
+    if writer is not None:
+        writer.close()
     return summary

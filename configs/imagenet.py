@@ -152,6 +152,9 @@ def get_config(arg: str = "bn_x30") -> ml_collections.ConfigDict:
     config.num_steps = 6_000_000 if accelerated else 31_000_000
     config.eval_every = 100_000  # [ours] a full 50k validation pass.
     config.eval_at = ()  # [ours] extra evaluation steps (none).
+    # [ours] A progress line (train loss, steps/s, images/s, time left) every log_every steps between
+    # evaluations; a non-finite loss stops the run within log_every steps.
+    config.log_every = 1_000
     config.checkpoint_every = 100_000  # [ours]
     # [paper] Figure 3: the steps at which the paper's nets matched Inception's
     # 72.2%, and the five nets' maximum top-1 accuracies; summary.json reports

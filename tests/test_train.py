@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -141,6 +142,68 @@ def test_a_damaged_checkpoint_or_a_torn_metrics_line_does_not_stop_a_resume(smal
         train.train_and_evaluate(config, str(broken))
     assert sorted(p.name for p in (broken / "checkpoints").iterdir() if p.name.isdigit()) == ["100", "200"]
     assert metrics_lines(broken) == lines
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in ``directory``, by tag, in the order written
+    (the TFRecord framing read by hand: length, CRC, an Event proto, CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(directory.iterdir()):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_progress_lines_and_tensorboard_events_change_no_number(small_mnist_dir, tmp_path, caplog, monkeypatch):
+    """log_every < eval_every: a progress line (loss, steps/s, images/s, time left) every log_every steps, the
+    same metrics as with one line per evaluation, TensorBoard events of them, and a divergence stopped within
+    log_every steps."""
+    config = small_config(small_mnist_dir, "bn", num_steps=100)
+    train.train_and_evaluate(config, str(tmp_path / "plain"))
+    with config.unlocked():
+        config.log_every = 20
+    with caplog.at_level("INFO"):
+        train.train_and_evaluate(config, str(tmp_path / "logged"))
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    assert [line.split()[2] for line in lines] == ["20/100", "40/100", "60/100", "80/100"]  # 50, 100: evaluations
+    assert all(re.search(r"train_loss \d\.\d{4}  [\d.]+ steps/s  \d+ images/s  about \d\d:\d\d:\d\d left", line)
+               for line in lines), lines
+    plain, logged = (deterministic(run_records.read_metrics(str(tmp_path / d / "metrics.jsonl")))
+                     for d in ("plain", "logged"))
+    assert logged == plain
+
+    # TensorBoard: the same numbers, read back from the event files.
+    events = tensorboard_scalars(tmp_path / "logged" / "tensorboard")
+    assert [step for step, _ in events["train_loss"]] == [20, 40, 50, 60, 80, 100]
+    assert events["test_accuracy"] == [(r["step"], pytest.approx(r["test_accuracy"])) for r in logged
+                                       if "test_accuracy" in r and not r.get("after_training")]
+    schedule = train.create_learning_rate_schedule(config, steps_per_epoch=1)  # cosine: no epochs
+    assert events["learning_rate"] == [(s, pytest.approx(float(schedule(s)))) for s in (20, 40, 50, 60, 80, 100)]
+    assert events["learning_rate"][0][1] < config.learning_rate
+    assert [s for s, _ in events["test_accuracy_population_stats"]] == [100]
+    assert {"steps_per_sec", "wall_time_s", "test_loss"} <= set(events)
+
+    calls = []
+    with config.unlocked():
+        config.learning_rate = 1e30  # NaN within the first steps
+        config.num_steps, config.eval_every, config.checkpoint_every, config.log_every = 1000, 500, 500, 10
+    make = mnist_experiment.experiment
+
+    def counting(*args, **kwargs):
+        experiment = make(*args, **kwargs)
+        return experiment._replace(run_steps=lambda state, step, n: calls.append(n) or experiment.run_steps(state, step, n))
+
+    monkeypatch.setattr(mnist_experiment, "experiment", counting)
+    summary = train.train_and_evaluate(config, str(tmp_path / "diverged"))
+    assert summary["diverged"] and summary["diverged_at_step"] <= 10
+    assert calls == [10]  # stopped after the first 10 steps, not at the evaluation at step 500
 
 
 def test_an_unreadable_metrics_line_before_the_last_is_named(tmp_path):
