@@ -24,7 +24,7 @@ from bn_repro.batchnorm import BATCH_MOMENTS, Norm, population_statistics
 from bn_repro.models.bn_inception import BNInception
 from bn_repro.models.googlenet import GoogLeNet
 from bn_repro.models.layers import NONLINEARITIES
-from bn_repro.train import Experiment, Setup, field, make_streamed_step
+from bn_repro.train import PREEMPTION, Experiment, Setup, field, make_streamed_step
 
 ACCURACY_KEYS = ("val_top1", "val_top5")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -169,9 +169,11 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
             batches = iter(training_batches(seed, step, config.num_steps - step))
         losses = []
         for _ in range(num_steps):
+            if PREEMPTION.is_set():  # stop after the current step (train_and_evaluate checkpoints there)
+                break
             state, loss = streamed_step(state, next(batches), data_rng)
             losses.append(loss)
-        next_step = step + num_steps
+        next_step = step + len(losses)
         return state, losses  # device scalars, fetched by the loop (no program built per interval length)
 
     shard = layout.mesh is not None and config.eval_batch_size % layout.device_count == 0

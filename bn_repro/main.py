@@ -33,6 +33,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 CONFIG_PREFIX = "--config."
+# The exit status of a run stopped by SIGTERM/SIGINT with a checkpoint (128 + SIGTERM, as schedulers expect).
+PREEMPTED_EXIT = 143
 
 
 def check_config_file(argv: list[str]) -> None:
@@ -108,7 +110,9 @@ def main(argv: list[str]) -> None:
         # Before any other JAX call. On CPU, JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo.
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     command = shlex.join(["python", "-m", "bn_repro.main", *sys.argv[1:]])
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, command=command)
+    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, command=command)
+    if "preempted_at_step" in summary:
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ The families are modules with the same three functions (``validate_config``,
   a TFDS image dataset (``imagenet2012``) streamed by grain workers.
 """
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -41,7 +44,8 @@ class Experiment(NamedTuple):
     """What the training loop needs from an experiment family.
 
     ``run_steps(state, step, num_steps)`` -> ``(state, losses)`` trains steps
-    ``step+1..step+num_steps``; ``evaluate(state)`` -> the evaluation record;
+    ``step+1..step+num_steps`` (or fewer, one loss per step trained, once
+    :data:`PREEMPTION` is set); ``evaluate(state)`` -> the evaluation record;
     ``final_batch_stats(state)`` -> Algorithm 2's population statistics (a
     ``batch_stats`` tree). ``accuracy_keys[0]`` is the accuracy the summary is
     about; ``population_keys`` are recorded for the final model.
@@ -323,6 +327,52 @@ def log_progress(config: ml_collections.ConfigDict, step: int, losses: np.ndarra
     )
 
 
+# Set on SIGTERM or SIGINT (a preemption): the loop stops after the current step,
+# checkpoints there and returns; a family's ``run_steps`` that loops over steps checks it.
+PREEMPTION = threading.Event()
+PREEMPTED = "preempted"  # the metrics record of the stop: the evaluation interval's losses so far
+
+
+@contextlib.contextmanager
+def preemption_handlers():
+    """SIGTERM and SIGINT set :data:`PREEMPTION` instead of killing the run (one
+    process, main thread only; elsewhere the default handlers stay)."""
+    PREEMPTION.clear()
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        yield
+        return
+
+    def request_stop(signum, frame):
+        logging.warning("Received %s: stopping after the current step, with a checkpoint there.",
+                        signal.Signals(signum).name)
+        PREEMPTION.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def preempt(config: ml_collections.ConfigDict, workdir: str, manager: Any, metrics_path: str, step: int,
+            state: TrainState, interval_losses: list[np.ndarray], writer: Any) -> dict:
+    """Ends a preempted run resumably: a checkpoint at ``step``, and a metrics
+    record of the evaluation interval's losses so far (the resumed run takes
+    them back and drops the record, so that its metrics are an uninterrupted
+    run's). Written in that order, each atomically."""
+    if step not in manager.all_steps():
+        checkpoints.save(manager, step, state)
+    losses = np.concatenate(interval_losses).tolist() if interval_losses else []
+    _record(metrics_path, {"step": step, PREEMPTED: True, "interval_losses": losses})
+    manager.close()
+    if writer is not None:
+        writer.close()
+    logging.warning("Stopped at step %d/%d with a checkpoint there; run the same command to resume %s.",
+                    step, config.num_steps, workdir)
+    return {"variant": config.variant, "preempted_at_step": step}
+
+
 def check_workdir(workdir: str) -> None:
     """NotADirectoryError naming ``workdir`` if it exists and is not a directory."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -370,6 +420,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     kept = run_records.truncate_metrics(metrics_path, step, write=is_primary())
     wall_time_before = next((r["wall_time_s"] for r in reversed(kept) if "wall_time_s" in r), 0.0)
 
+    interval_losses = []
+    if kept and kept[-1].get(PREEMPTED) and kept[-1]["step"] == step:  # resuming a preempted run
+        interval_losses = [np.asarray(kept[-1]["interval_losses"], np.float32)]
+        if is_primary():
+            run_records.write_json_lines(metrics_path, kept[:-1])
     accuracy_key = experiment.accuracy_keys[0]
     writer = run_records.tensorboard_writer(workdir, step) if is_primary() else None
     learning_rate = create_learning_rate_schedule(config, experiment.steps_per_epoch)
@@ -377,49 +432,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     diverged_at = None
     eval_steps = evaluation_steps(config)
     log_every = config.get("log_every", config.eval_every)
-    first_step, interval_losses, interval_time = step, [], 0.0
-    while step < config.num_steps:
-        next_eval = next(s for s in eval_steps if s > step)
-        num_steps = min(next_eval, (step // log_every + 1) * log_every) - step
-        chunk_start = time.perf_counter()
-        state, losses = experiment.run_steps(state, step, num_steps)
-        losses = np.asarray(jax.device_get(losses))
-        chunk_time = time.perf_counter() - chunk_start
-        bad = metrics_lib.first_non_finite(losses.tolist())
-        if bad is None and not params_finite(state.params):
-            bad = num_steps - 1
-        if bad is not None:
-            diverged_at = step + bad + 1
-            _record(metrics_path, {"step": diverged_at, "diverged": True})
-            run_records.write_scalars(writer, diverged_at, {"diverged": 1.0})
-            logging.error("Training diverged: non-finite loss or parameters at step %d", diverged_at)
-            break
-        step += num_steps
-        interval_losses.append(losses)
-        interval_time += chunk_time
-        if step < next_eval:  # a progress line between evaluations
-            log_progress(config, step, losses, num_steps / chunk_time,
-                         (time.perf_counter() - start) / (step - first_step))
-            run_records.write_scalars(writer, step, {"train_loss": float(losses.mean()),
-                                                     "steps_per_sec": num_steps / chunk_time,
-                                                     "learning_rate": float(learning_rate(step))})
-            continue
-        losses, steps_per_sec = np.concatenate(interval_losses), sum(map(len, interval_losses)) / interval_time
-        interval_losses, interval_time = [], 0.0
-        state = layout.sync_batch_stats(state)
-        record = {"step": step, "train_loss": float(losses.mean())}
-        record.update(experiment.evaluate(single_program(state)))
-        record["steps_per_sec"] = steps_per_sec
-        record["wall_time_s"] = wall_time_before + time.perf_counter() - start
-        _record(metrics_path, record)
-        run_records.write_scalars(writer, step, {**record, "learning_rate": float(learning_rate(step))})
-        logging.info(
-            "[%s] step %d/%d  %.1f steps/s  train_loss %.4f  %s %.4f",
-            config.variant, step, config.num_steps, steps_per_sec, record["train_loss"],
-            accuracy_key, record[accuracy_key],
-        )
-        if step % config.checkpoint_every == 0 or step == config.num_steps:
-            checkpoints.save(manager, step, single_program(state))
+    first_step, interval_time, interval_steps = step, 0.0, 0
+    preempted_at = None
+    with preemption_handlers():
+        while step < config.num_steps:
+            next_eval = next(s for s in eval_steps if s > step)
+            num_steps = min(next_eval, (step // log_every + 1) * log_every) - step
+            chunk_start = time.perf_counter()
+            state, losses = experiment.run_steps(state, step, num_steps)
+            losses = np.asarray(jax.device_get(losses))
+            chunk_time = time.perf_counter() - chunk_start
+            num_steps = len(losses)  # fewer if a preemption stopped the chunk early
+            bad = metrics_lib.first_non_finite(losses.tolist())
+            if bad is None and not params_finite(state.params):
+                bad = num_steps - 1
+            if bad is not None:
+                diverged_at = step + bad + 1
+                _record(metrics_path, {"step": diverged_at, "diverged": True})
+                run_records.write_scalars(writer, diverged_at, {"diverged": 1.0})
+                logging.error("Training diverged: non-finite loss or parameters at step %d", diverged_at)
+                break
+            step += num_steps
+            interval_losses.append(losses)
+            interval_time += chunk_time
+            interval_steps += num_steps
+            if PREEMPTION.is_set() and step < next_eval:
+                preempted_at = step
+                break
+            if step < next_eval:  # a progress line between evaluations
+                log_progress(config, step, losses, num_steps / chunk_time,
+                             (time.perf_counter() - start) / (step - first_step))
+                run_records.write_scalars(writer, step, {"train_loss": float(losses.mean()),
+                                                         "steps_per_sec": num_steps / chunk_time,
+                                                         "learning_rate": float(learning_rate(step))})
+                continue
+            losses, steps_per_sec = np.concatenate(interval_losses), interval_steps / interval_time
+            interval_losses, interval_time, interval_steps = [], 0.0, 0
+            state = layout.sync_batch_stats(state)
+            record = {"step": step, "train_loss": float(losses.mean())}
+            record.update(experiment.evaluate(single_program(state)))
+            record["steps_per_sec"] = steps_per_sec
+            record["wall_time_s"] = wall_time_before + time.perf_counter() - start
+            _record(metrics_path, record)
+            run_records.write_scalars(writer, step, {**record, "learning_rate": float(learning_rate(step))})
+            logging.info(
+                "[%s] step %d/%d  %.1f steps/s  train_loss %.4f  %s %.4f",
+                config.variant, step, config.num_steps, steps_per_sec, record["train_loss"],
+                accuracy_key, record[accuracy_key],
+            )
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                checkpoints.save(manager, step, single_program(state))
+            if PREEMPTION.is_set() and step < config.num_steps:
+                preempted_at = step
+                break
+    if preempted_at is not None:
+        return preempt(config, workdir, manager, metrics_path, preempted_at, single_program(state), interval_losses,
+                       writer)
     wall_time = wall_time_before + time.perf_counter() - start
     state = single_program(state)
 

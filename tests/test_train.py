@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -204,6 +205,49 @@ def test_progress_lines_and_tensorboard_events_change_no_number(small_mnist_dir,
     summary = train.train_and_evaluate(config, str(tmp_path / "diverged"))
     assert summary["diverged"] and summary["diverged_at_step"] <= 10
     assert calls == [10]  # stopped after the first 10 steps, not at the evaluation at step 500
+
+
+def test_sigterm_checkpoints_at_the_current_step_and_the_resumed_run_ends_as_an_uninterrupted_one(
+        small_mnist_dir, tmp_path, monkeypatch):
+    """SIGTERM (a real one, to this process) during training: the run stops after its current chunk of log_every
+    steps, between evaluations, with a checkpoint there, and returns; resumed, it trains only the remaining steps
+    and writes exactly the metrics of an uninterrupted run (the evaluation interval's losses from before the stop
+    included)."""
+    config = small_config(small_mnist_dir, "bn", num_steps=100)
+    with config.unlocked():
+        config.log_every = 20
+    train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+    calls = []
+    make = mnist_experiment.experiment
+
+    def counting(*args, **kwargs):
+        experiment = make(*args, **kwargs)
+
+        def run_steps(state, step, n):
+            calls.append((step, n))
+            if step == 60:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during steps 61-80
+            return experiment.run_steps(state, step, n)
+
+        return experiment._replace(run_steps=run_steps)
+
+    monkeypatch.setattr(mnist_experiment, "experiment", counting)
+    workdir = tmp_path / "preempted"
+    summary = train.train_and_evaluate(config, str(workdir))
+    assert summary == {"variant": "bn", "preempted_at_step": 80} and calls[-1] == (60, 20)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    assert not (workdir / "summary.json").exists()
+    assert 80 in [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    lines = metrics_lines(workdir)
+    assert json.loads(lines[-1])["preempted"] and len(json.loads(lines[-1])["interval_losses"]) == 30  # 51-80
+
+    calls.clear()
+    train.train_and_evaluate(config, str(workdir))
+    assert calls == [(80, 20)]  # only the remaining steps
+    assert metrics_lines(workdir)[0] == lines[0]  # the evaluation at step 50, as first written
+    want, got = (deterministic(run_records.read_metrics(str(d / "metrics.jsonl")))
+                 for d in (tmp_path / "uninterrupted", workdir))
+    assert got == want
 
 
 def test_an_unreadable_metrics_line_before_the_last_is_named(tmp_path):
