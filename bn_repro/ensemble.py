@@ -31,7 +31,10 @@ import orbax.checkpoint as ocp
 from bn_repro import checkpoints, classification_experiment, image_data, parallel, run_records, train
 
 # What members of an ensemble must agree on (crop_fraction only for the central crop).
-SHARED_FIELDS = ("data.image_size", "model.num_classes")
+# The same examples in the same input shape, and the same classes (a config written before
+# data.channels existed had 3 channels).
+SHARED_FIELDS = ("data.dataset", "data.image_size", "data.channels", "model.num_classes")
+DEFAULTS = {"data.channels": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,8 @@ def check_compatible(runs: Sequence[TrainedModel], crops: int) -> None:
     """Raises ValueError naming the field if the runs cannot be evaluated on the same crops."""
     fields = SHARED_FIELDS + (("data.crop_fraction",) if crops == 1 else ())
     for name in fields:
-        values = {run.workdir: functools.reduce(lambda c, key: c[key], name.split("."), run.config) for run in runs}
+        values = {run.workdir: functools.reduce(lambda c, key: c.get(key, {}), name.split("."), run.config) or
+                  DEFAULTS.get(name) for run in runs}
         if len(set(values.values())) > 1:
             raise ValueError(f"The runs disagree on config.{name}: {values}")
 

@@ -2,7 +2,7 @@
 skipped, interrupted ones resume from their checkpoints (the entry point does
 that by itself in a workdir that holds one), and several go at once, each
 pinned to its own CPU core with single-threaded XLA (on a 2-core machine that
-trains two small networks about 1.2x faster than one after the other on both
+trains two small networks about 1.13x faster than one after the other on both
 cores; README, "Fashion-MNIST").
 """
 

@@ -185,3 +185,21 @@ def test_scripts_run_end_to_end(workdirs, runs, tmp_path, monkeypatch):
     records = run_records.read_metrics(os.path.join(workdirs["a"], "metrics.jsonl"))
     during = next(r for r in records if r.get("step") == 2 and "val_loss" in r)
     assert written["steps"] == [2] and written["loss"] == pytest.approx(during["val_loss"], rel=1e-5)
+
+
+def test_runs_on_other_datasets_or_channel_counts_are_not_ensembled():
+    import ml_collections
+
+    def run(path, **data):
+        config = ml_collections.ConfigDict({"data": {"dataset": "imagenet2012", "image_size": 32, "channels": 3,
+                                                     "crop_fraction": 0.875, **data}, "model": {"num_classes": 10}})
+        return ensemble.TrainedModel(path, None, config, None, None)
+
+    ensemble.check_compatible([run("a"), run("b")], crops=1)
+    legacy = run("c")
+    del legacy.config.data["channels"]  # written before data.channels existed: 3 channels
+    ensemble.check_compatible([run("a"), legacy], crops=1)
+    with pytest.raises(ValueError, match="config.data.channels"):
+        ensemble.check_compatible([run("a"), run("b", channels=1)], crops=144)
+    with pytest.raises(ValueError, match="config.data.dataset"):
+        ensemble.check_compatible([run("a"), run("b", dataset="fashion_mnist")], crops=144)
