@@ -91,8 +91,10 @@ def group_row(label: str, runs: Sequence[RunRecord], target: float) -> dict[str,
     (over the runs that reached it), best accuracy, Algorithm 2's final
     accuracy, and which runs diverged and where."""
     key = runs[0].accuracy_key
-    reached = [s for s in (steps_to(run, target) for run in runs) if s is not None]
-    best = [b for b in (best_accuracy(run) for run in runs) if b is not None]
+    steps_each = [steps_to(run, target) for run in runs]
+    best_each = [best_accuracy(run) for run in runs]
+    reached = [s for s in steps_each if s is not None]
+    best = [b for b in best_each if b is not None]
     population = [run.summary[f"final_{key}_population_stats"] for run in runs
                   if run.summary and f"final_{key}_population_stats" in run.summary]
     diverged = sorted(run.summary["diverged_at_step"] for run in runs if run.summary and run.summary.get("diverged"))
@@ -107,9 +109,9 @@ def group_row(label: str, runs: Sequence[RunRecord], target: float) -> dict[str,
         "seeds": sorted(run.config.get("seed") for run in runs),
         "reached_target": len(reached),
         "steps_to_target": dict(zip(("mean", "std"), mean_std(reached))),
-        "steps_to_target_each": [steps_to(run, target) for run in runs],
+        "steps_to_target_each": steps_each,
         "max_accuracy": dict(zip(("mean", "std"), mean_std(best))),
-        "max_accuracy_each": [best_accuracy(run) for run in runs],
+        "max_accuracy_each": best_each,
         "final_accuracy_population_stats": dict(zip(("mean", "std"), mean_std(population))),
         "chance": chance,
         # Finished without diverging, but never above twice the chance accuracy.

@@ -433,9 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     eval_steps = evaluation_steps(config)
     log_every = config.get("log_every", config.eval_every)
     first_step, interval_time, interval_steps = step, 0.0, 0
-    preempted_at = None
     with preemption_handlers():
-        while step < config.num_steps:
+        while step < config.num_steps and not PREEMPTION.is_set():
             next_eval = next(s for s in eval_steps if s > step)
             num_steps = min(next_eval, (step // log_every + 1) * log_every) - step
             chunk_start = time.perf_counter()
@@ -457,8 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             interval_time += chunk_time
             interval_steps += num_steps
             if PREEMPTION.is_set() and step < next_eval:
-                preempted_at = step
-                break
+                break  # mid-interval: no evaluation
             if step < next_eval:  # a progress line between evaluations
                 log_progress(config, step, losses, num_steps / chunk_time,
                              (time.perf_counter() - start) / (step - first_step))
@@ -482,12 +480,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             )
             if step % config.checkpoint_every == 0 or step == config.num_steps:
                 checkpoints.save(manager, step, single_program(state))
-            if PREEMPTION.is_set() and step < config.num_steps:
-                preempted_at = step
-                break
-    if preempted_at is not None:
-        return preempt(config, workdir, manager, metrics_path, preempted_at, single_program(state), interval_losses,
-                       writer)
+    if PREEMPTION.is_set() and diverged_at is None and step < config.num_steps:
+        return preempt(config, workdir, manager, metrics_path, step, single_program(state), interval_losses, writer)
     wall_time = wall_time_before + time.perf_counter() - start
     state = single_program(state)
 

@@ -172,26 +172,18 @@ def report(planned: list[Planned], runs: dict[Planned, sweep.Run], root: str, re
         groups = rows_by_label(planned, runs, "figure2")
         if "sigmoid" in complete:
             groups.update(rows_by_label(planned, runs, "sigmoid"))
-        table = figure2.figure3(groups)
-        target = table["target_accuracy"]
-        table["command"] = command
-        table["sweep_wall_time_s"] = sweep_wall_time_s
-        run_records.write_json(os.path.join(results, "figure3.json"), table)
-        write(os.path.join(results, "figure3.md"), header + figure2.figure3_markdown(table) + "\n")
-        title = "Fashion-MNIST proxy of Figure 2 (mean over seeds, min-max band)"
-        figure2.plot_accuracy_curves(groups, figure2.FIGURE2_ROWS, target, os.path.join(results, "figure2.png"),
-                                     title=title)
-        figure2.plot_accuracy_curves(groups, figure2.FIGURE2_ROWS, target,
-                                     os.path.join(results, "figure2_wall_time.png"), x="wall_time", title=title)
-    for group, name in (("lr_sweep", "lr_sweep"), ("ablation", "ablation")):
+        target = write_figures_2_and_3(groups, results, command, header,
+                                       title="Fashion-MNIST proxy of Figure 2 (mean over seeds, min-max band)",
+                                       sweep_wall_time_s=sweep_wall_time_s)["target_accuracy"]
+    for group in ("lr_sweep", "ablation"):
         if group not in complete or target is None:
             continue
         groups = rows_by_label(planned, runs, group)
         rows = [figure2.group_row(label, rs, target) for label, rs in groups.items()]
-        run_records.write_json(os.path.join(results, f"{name}.json"),
+        run_records.write_json(os.path.join(results, f"{group}.json"),
                                {"target_accuracy": target, "command": command, "rows": rows})
         reference = rows[0] if group == "ablation" else None  # bn_x5 with all seven changes
-        write(os.path.join(results, f"{name}.md"), header + figure2.rows_markdown(rows, target, reference=reference)
+        write(os.path.join(results, f"{group}.md"), header + figure2.rows_markdown(rows, target, reference=reference)
               + "\n")
         if group == "lr_sweep":
             series = {title: [(float(r["label"].rsplit("x", 1)[1]), r) for r in rows if r["label"].startswith(net)]
@@ -237,18 +229,24 @@ def copy_run_files(workdir: str, destination: str) -> None:
         shutil.copyfile(os.path.join(workdir, name), os.path.join(destination, name))
 
 
+def write_figures_2_and_3(groups: dict[str, list], results: str, command: str, header: str = "", title: str = "",
+                          **extra) -> dict:
+    """figure3.json/.md, figure2.png/.pdf and figure2_wall_time.png from ``groups``; returns the table."""
+    table = {**figure2.figure3(groups), "command": command, **extra}
+    run_records.write_json(os.path.join(results, "figure3.json"), table)
+    write(os.path.join(results, "figure3.md"), header + figure2.figure3_markdown(table) + "\n")
+    labels = [v for v in figure2.FIGURE2_ROWS if v in groups] or sorted(groups)
+    for x, name in (("steps", "figure2.png"), ("wall_time", "figure2_wall_time.png")):
+        figure2.plot_accuracy_curves(groups, labels, table["target_accuracy"], os.path.join(results, name), x=x,
+                                     title=title)
+    return table
+
+
 def report_from_runs(paths: list[str], results: str, command: str) -> None:
     """Figure 2 and the Figure 3 table from any workdirs, grouped by their config's variant."""
     groups = figure2.group_by_variant([compare.load_run_record(p) for p in paths])
     os.makedirs(results, exist_ok=True)
-    table = figure2.figure3(groups)
-    table["command"] = command
-    run_records.write_json(os.path.join(results, "figure3.json"), table)
-    write(os.path.join(results, "figure3.md"), figure2.figure3_markdown(table) + "\n")
-    for x, name in (("steps", "figure2.png"), ("wall_time", "figure2_wall_time.png")):
-        figure2.plot_accuracy_curves(groups, [v for v in figure2.FIGURE2_ROWS if v in groups] or sorted(groups),
-                                     table["target_accuracy"], os.path.join(results, name), x=x)
-    print(figure2.figure3_markdown(table))
+    print(figure2.figure3_markdown(write_figures_2_and_3(groups, results, command)))
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
