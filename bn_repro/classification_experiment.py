@@ -24,7 +24,7 @@ from bn_repro.batchnorm import BATCH_MOMENTS, Norm, population_statistics
 from bn_repro.models.bn_inception import BNInception
 from bn_repro.models.googlenet import GoogLeNet
 from bn_repro.models.layers import NONLINEARITIES
-from bn_repro.train import PREEMPTION, Experiment, Setup, field, make_streamed_step
+from bn_repro.train import Experiment, Setup, field, make_streamed_step, stop_requested
 
 ACCURACY_KEYS = ("val_top1", "val_top5")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -118,10 +118,17 @@ def evaluate_classification(state: Any, batches: Iterable[dict]) -> dict:
     return {"val_top1": totals["top1"] / count, "val_top5": totals["top5"] / count, "val_loss": totals["loss"] / count}
 
 
-def population_stats_from_stream(state: Any, batches: Iterable[dict], rng: jax.Array) -> Any:
+def population_stats_from_stream(state: Any, batches: Iterable[dict], rng: jax.Array,
+                                 mesh: jax.sharding.Mesh | None = None) -> Any:
     """Algorithm 2 over a stream of training mini-batches: each goes through the
     network in training mode with fixed parameters, and the moments every BN
-    layer sees are averaged with the m/(m-1) correction."""
+    layer sees are averaged with the m/(m-1) correction.
+
+    With a ``mesh`` (``jit`` on several devices, one or many processes) each
+    batch is this process's slice of a global batch: the slices are assembled
+    into one global array sharded over the mesh, so that every process computes
+    the same statistics, over the m of the global batch that training normalised
+    over (not over its own slice)."""
 
     @jax.jit
     def moments(state, images):
@@ -134,6 +141,8 @@ def population_stats_from_stream(state: Any, batches: Iterable[dict], rng: jax.A
         )
         return collections[BATCH_MOMENTS]
 
+    if mesh is not None:
+        batches = (parallel.shard_batch(batch, mesh) for batch in batches)
     per_batch = [moments(state, batch["image"]) for batch in batches]
     return population_statistics(jax.tree.map(lambda *xs: jnp.stack(xs), *per_batch))
 
@@ -168,8 +177,8 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
         if batches is None or next_step != step:  # (re)start the stream where the run is
             batches = iter(training_batches(seed, step, config.num_steps - step))
         losses = []
-        for _ in range(num_steps):
-            if PREEMPTION.is_set():  # stop after the current step (train_and_evaluate checkpoints there)
+        for i in range(num_steps):
+            if stop_requested(step + i):  # a preemption: train_and_evaluate checkpoints after step + i
                 break
             state, loss = streamed_step(state, next(batches), data_rng)
             losses.append(loss)
@@ -198,7 +207,7 @@ def experiment(config: ml_collections.ConfigDict, setup: Setup, data_rng: jax.Ar
         run_steps=run_steps,
         evaluate=evaluate,
         final_batch_stats=lambda state: population_stats_from_stream(
-            state, training_batches(population_seed, 0, config.bn.population_batches), population_rng
+            state, training_batches(population_seed, 0, config.bn.population_batches), population_rng, layout.mesh
         ),
         accuracy_keys=ACCURACY_KEYS,
         population_keys=("val_top1", "val_top5", "val_loss"),

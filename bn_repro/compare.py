@@ -41,6 +41,7 @@ RUN_ONLY_FIELDS = (
     "config.data.verify_checksums",  # whether the data are checked
     "config.data.on_device",  # how the same batches reach the device
     "config.checkpoint_every",  # resuming is exact
+    "config.log_every",  # progress lines change no number (tested)
     "config.parallel",  # how the global batch is split over devices
 )
 # Environment entries of summary.json that can change the numbers.

@@ -45,7 +45,7 @@ class Experiment(NamedTuple):
 
     ``run_steps(state, step, num_steps)`` -> ``(state, losses)`` trains steps
     ``step+1..step+num_steps`` (or fewer, one loss per step trained, once
-    :data:`PREEMPTION` is set); ``evaluate(state)`` -> the evaluation record;
+    :func:`stop_requested`); ``evaluate(state)`` -> the evaluation record;
     ``final_batch_stats(state)`` -> Algorithm 2's population statistics (a
     ``batch_stats`` tree). ``accuracy_keys[0]`` is the accuracy the summary is
     about; ``population_keys`` are recorded for the final model.
@@ -109,7 +109,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         value = field(config, name)
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
-    log_every = config.get("log_every", config.eval_every)
+    log_every = config.log_every
     if not (isinstance(log_every, int) and log_every > 0):
         raise ValueError(f"config.log_every must be a positive integer, got {log_every!r}")
     eval_at = config.get("eval_at", ())
@@ -327,17 +327,45 @@ def log_progress(config: ml_collections.ConfigDict, step: int, losses: np.ndarra
     )
 
 
-# Set on SIGTERM or SIGINT (a preemption): the loop stops after the current step,
-# checkpoints there and returns; a family's ``run_steps`` that loops over steps checks it.
+# Set on a preemption (SIGTERM or SIGINT; on several processes, the step they agreed
+# on): the loop stops after the current step, checkpoints there and returns.
 PREEMPTION = threading.Event()
 PREEMPTED = "preempted"  # the metrics record of the stop: the evaluation interval's losses so far
+_asked_up_to = [0]  # the last step stop_requested has asked JAX's preemption sync about
+
+
+def stop_requested(step: int) -> bool:
+    """Whether the run stops after ``step`` steps (a preemption).
+
+    On one process: whether SIGTERM or SIGINT arrived (:data:`PREEMPTION`). On
+    several: JAX's preemption sync service (started by ``jax.distributed``)
+    catches SIGTERM on any process, tells every process, and they agree on the
+    first step all of them still reach; every process stops there. The service
+    must be asked about every step in order, on every process: this asks about
+    each step up to ``step`` not yet asked, so a family's ``run_steps`` that
+    loops over steps asks before each (stopping at the agreed step itself), and
+    ``train_and_evaluate`` asks after each chunk for one that does not (stopping
+    at the end of the chunk that holds the agreed step).
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        for s in range(_asked_up_to[0] + 1, step + 1):
+            if multihost_utils.reached_preemption_sync_point(s) and not PREEMPTION.is_set():
+                logging.warning("A process was preempted (the agreed step: %d): all processes stop after step %d, "
+                                "with a checkpoint there.", s, step)
+                PREEMPTION.set()
+            _asked_up_to[0] = s
+    return PREEMPTION.is_set()
 
 
 @contextlib.contextmanager
-def preemption_handlers():
+def preemption_handlers(start_step: int):
     """SIGTERM and SIGINT set :data:`PREEMPTION` instead of killing the run (one
-    process, main thread only; elsewhere the default handlers stay)."""
+    process, main thread only). On several processes SIGTERM is left to JAX's
+    preemption sync service (:func:`stop_requested`), and SIGINT keeps its default."""
     PREEMPTION.clear()
+    _asked_up_to[0] = start_step
     if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
         yield
         return
@@ -431,9 +459,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
     start = time.perf_counter()
     diverged_at = None
     eval_steps = evaluation_steps(config)
-    log_every = config.get("log_every", config.eval_every)
+    log_every = config.log_every
     first_step, interval_time, interval_steps = step, 0.0, 0
-    with preemption_handlers():
+    with preemption_handlers(step):
         while step < config.num_steps and not PREEMPTION.is_set():
             next_eval = next(s for s in eval_steps if s > step)
             num_steps = min(next_eval, (step // log_every + 1) * log_every) - step
@@ -455,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, command:
             interval_losses.append(losses)
             interval_time += chunk_time
             interval_steps += num_steps
-            if PREEMPTION.is_set() and step < next_eval:
+            if stop_requested(step) and step < next_eval:
                 break  # mid-interval: no evaluation
             if step < next_eval:  # a progress line between evaluations
                 log_progress(config, step, losses, num_steps / chunk_time,

@@ -86,6 +86,9 @@ def get_config(variant: str = "bn") -> ml_collections.ConfigDict:
     # checkpoint every checkpoint_every steps (a multiple of eval_every).
     config.eval_every = 500
     config.checkpoint_every = 5000
+    # [ours] a progress line (and the check for a non-finite loss) every
+    # log_every steps between evaluations; the steps between are one compiled call.
+    config.log_every = 500
     # [ours] what summary.json reports: test accuracy at these steps, and the
     # steps to reach these accuracies; compare_runs' default target.
     config.milestones = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)

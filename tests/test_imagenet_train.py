@@ -6,17 +6,21 @@ training, in two processes side by side; a copy of one is interrupted and
 resumed through the entry point itself.
 """
 
+import functools
 import json
 import math
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_repro import checkpoints, main, run_records, train
+from bn_repro import checkpoints, classification_experiment, fashion_mnist_data, main, run_records, train
 from conftest import assert_resumed_from, metrics_lines
 from mock_imagenet_runs import CONFIG, NUM_EXAMPLES, RESUMED, RESUMED_FROM
+from test_fashion_mnist_data import synthetic_files
 from test_models import traced_equations
 from test_train import deterministic
 
@@ -110,3 +114,48 @@ def test_bfloat16_step_computes_in_bfloat16_and_keeps_float32_parameters_and_sta
                    if eqn.primitive.name == "conv_general_dilated"}
     assert conv_dtypes == {jnp.dtype(jnp.bfloat16)}
 
+
+
+def test_sigterm_on_the_streamed_path_stops_after_the_current_step_and_the_resume_matches(tmp_path, monkeypatch):
+    """The streamed (grain) path asks before every step: SIGTERM during step 7 (mid-way through the chunk of
+    steps 6-10 between progress lines) stops the run after step 7, with a checkpoint there; the resumed run
+    trains steps 8-12 only and ends with an uninterrupted run's metrics and final model (Algorithm 2 included)."""
+    _, checksums = synthetic_files(tmp_path / "data" / "downloads" / "manual")
+    data_dir = fashion_mnist_data.prepare_fashion_mnist(str(tmp_path / "data"), expected=checksums)
+    config = main.load_config(f"{CONFIG}:bn_x5:fashion", [
+        f"--config.data.data_dir={data_dir}", "--config.model.width=0.0625", "--config.data.image_size=32",
+        "--config.batch_size=8", "--config.bn.virtual_batch_size=4", "--config.eval_batch_size=4",
+        "--config.bn.population_batches=3", "--config.num_steps=12", "--config.eval_every=4",
+        "--config.checkpoint_every=12", "--config.log_every=5", "--config.eval_at=()",
+    ])
+    train.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+
+    make, steps = classification_experiment.make_streamed_step, []
+
+    def signalling(*args, signal_at=None):
+        step_fn = make(*args)
+
+        def step(state, batch, rng):
+            steps.append(len(steps) + 1)
+            if len(steps) == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step_fn(state, batch, rng)
+
+        return step
+
+    workdir = tmp_path / "preempted"
+    monkeypatch.setattr(classification_experiment, "make_streamed_step", functools.partial(signalling, signal_at=7))
+    assert train.train_and_evaluate(config, str(workdir)) == {"variant": config.variant, "preempted_at_step": 7}
+    assert steps == list(range(1, 8))
+    assert [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] == [7]
+    assert not (workdir / "summary.json").exists()
+
+    steps.clear()
+    monkeypatch.setattr(classification_experiment, "make_streamed_step", signalling)
+    summary = train.train_and_evaluate(config, str(workdir))
+    assert len(steps) == 5  # steps 8-12
+    want, got = (deterministic(run_records.read_metrics(str(d / "metrics.jsonl")))
+                 for d in (tmp_path / "uninterrupted", workdir))
+    assert got == want and [r["step"] for r in got] == [4, 8, 12, 12]
+    reference = json.loads((tmp_path / "uninterrupted" / "summary.json").read_text())
+    assert summary["final_val_top1_population_stats"] == reference["final_val_top1_population_stats"]

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -45,18 +46,19 @@ class Interrupted(Exception):
 
 
 def train_interrupted_after(config, workdir, step: int, monkeypatch) -> None:
-    """Runs ``config`` in ``workdir`` and stops it right after the metrics of ``step`` are written."""
-    append = run_records.append_metrics
+    """Runs ``config`` in ``workdir`` and stops it right after the metrics of ``step`` and their TensorBoard
+    events are written."""
+    write = run_records.write_scalars
 
-    def append_then_interrupt(path, record):
-        append(path, record)
-        if record["step"] == step:
+    def write_then_interrupt(writer, at, scalars):
+        write(writer, at, scalars)
+        if at == step:
             raise Interrupted
 
-    monkeypatch.setattr(run_records, "append_metrics", append_then_interrupt)
+    monkeypatch.setattr(run_records, "write_scalars", write_then_interrupt)
     with pytest.raises(Interrupted):
         train.train_and_evaluate(config, str(workdir))
-    monkeypatch.setattr(run_records, "append_metrics", append)
+    monkeypatch.setattr(run_records, "write_scalars", write)
 
 
 def restore_checkpoint(workdir, config, step: int):
@@ -75,6 +77,10 @@ def restore_checkpoint(workdir, config, step: int):
 @pytest.mark.parametrize("variant", ["bn", "baseline"])
 def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_path, monkeypatch, variant):
     """An interrupted run resumes from its last checkpoint (not from step 0) and ends as an uninterrupted one."""
+    import tensorboardX.event_file_writer
+
+    # Every event file as if started in the same second (tensorboardX names them by the second).
+    monkeypatch.setattr(tensorboardX.event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.8e9))
     config = small_config(small_mnist_dir, variant)
     uninterrupted = tmp_path / "uninterrupted"
     train.train_and_evaluate(config, str(uninterrupted))
@@ -94,6 +100,14 @@ def test_resume_after_interruption_gives_identical_metrics(small_mnist_dir, tmp_
     got = run_records.read_metrics(str(resumed / "metrics.jsonl"))
     assert deterministic(got) == deterministic(want)  # bitwise: floats compared with ==
     assert [r["step"] for r in want if "test_accuracy" in r] == list(range(50, 301, 50))
+
+    # TensorBoard's own reader shows the resumed run as the uninterrupted one: the events the first process wrote
+    # after its checkpoint (step 250) are replaced by the resumed process's, and none before it is lost.
+    events = {d: tensorboard_scalars(d / "tensorboard") for d in (uninterrupted, resumed)}
+    assert len(list((resumed / "tensorboard").iterdir())) == 2  # one event file per process
+    for tag in ("train_loss", "test_accuracy", "test_loss", "learning_rate"):
+        assert events[resumed][tag] == events[uninterrupted][tag], tag
+    assert [s for s, _ in events[resumed]["test_accuracy"]] == list(range(50, 301, 50))
 
     # The final states agree bitwise as well.
     states = [restore_checkpoint(workdir, config, 300) for workdir in (uninterrupted, resumed)]
@@ -146,20 +160,13 @@ def test_a_damaged_checkpoint_or_a_torn_metrics_line_does_not_stop_a_resume(smal
 
 
 def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the TensorBoard event files in ``directory``, by tag, in the order written
-    (the TFRecord framing read by hand: length, CRC, an Event proto, CRC)."""
-    from tensorboardX.proto import event_pb2
+    """Every scalar of the TensorBoard event files in ``directory``, by tag, as TensorBoard's own reader shows
+    them (events a resumed run purged left out)."""
+    from tensorboard.backend.event_processing import event_accumulator
 
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(directory.iterdir()):
-        data, offset = path.read_bytes(), 0
-        while offset < len(data):
-            length = int.from_bytes(data[offset:offset + 8], "little")
-            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
+    reader = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.SCALARS: 0})
+    reader.Reload()
+    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
 
 
 def test_progress_lines_and_tensorboard_events_change_no_number(small_mnist_dir, tmp_path, caplog, monkeypatch):
