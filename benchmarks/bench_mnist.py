@@ -6,10 +6,27 @@ For the 784-100-100-100-10 sigmoid MLP (batch 60, ``configs/mnist.py:bn`` and
 * ours: steps/s of ``bn_repro.mnist_experiment.make_train_chunk`` (the real jitted lax.scan
   sampling batches on the device) on synthetic uint8 data of MNIST's shape;
   compiled first, then the median of ``--repeats`` calls of ``--steps`` steps.
-* torch (optional): an eager PyTorch loop doing the identical step (init std,
-  bias-free Linear + BatchNorm1d before each sigmoid, binarised input, per-epoch
-  permutation of a preloaded uint8 tensor, SGD with the config's cosine lr,
-  momentum and weight decay on Linear weights only, cross-entropy).
+* torch eager (optional): an eager PyTorch loop doing the identical step (init
+  std, bias-free Linear + BatchNorm1d before each sigmoid, binarised input,
+  per-epoch permutation of a preloaded uint8 tensor, SGD with the config's
+  cosine lr, momentum and weight decay on Linear weights only, cross-entropy).
+  Its first ``min(--steps, 500)`` steps are an untimed warm-up, then the median
+  of ``--repeats`` calls of ``--steps`` steps, as ours.
+* torch compiled (optional, ``--torch_compile``, default the inductor backend
+  in its default mode): the same loop, same seed and so the same initial
+  weights and batches (its first-step loss must equal eager's), with the
+  network under ``torch.compile`` (forward and, through AOTAutograd, backward)
+  and the optimizer step eager. Compiling the whole step function instead
+  (data gather, forward, loss, backward, ``optimizer.step()``: dynamo breaks the
+  graph at ``backward``) took longer to compile and ran about a third slower
+  in tiny trials (1 thread, under heavy load from other processes), where the
+  compiled network was about as fast as eager or a little faster, and
+  ``mode="max-autotune-no-cudagraphs"`` no faster than the default. Dynamo is
+  reset and inductor's caches are off, so the first step compiles cold (the
+  script uses no JAX compilation cache either): that step's time is the
+  compiled peer's compile s, and it is the first of the same warm-up. A
+  failure to compile (no C++ compiler, an inductor error) is recorded in the
+  row instead of its rates.
 * the ceiling: XLA's cost-analysis FLOPs of one jitted ``train.train_step``
   (checked against a hand count of the matmul FLOPs) and a float32 1024^3 matmul
   rate at the same thread setting; ceiling steps/s = rate / FLOPs. Also the
@@ -17,8 +34,9 @@ For the 784-100-100-100-10 sigmoid MLP (batch 60, ``configs/mnist.py:bn`` and
 
 Threads: 1 = one pinned core, single-threaded XLA (as ``reproduce_figure1.py``
 runs each net); N = the first N cores, XLA's default threading,
-``torch.set_num_threads(N)``. XLA flags must be set before jax is imported, so
-each setting runs in a child process of this script.
+``torch.set_num_threads(N)`` (for inductor's kernels too). XLA flags must be
+set before jax is imported, so each setting runs in a child process of this
+script.
 
     python benchmarks/bench_mnist.py --output results/bench/mnist_cpu.md
 """
@@ -36,12 +54,50 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 
 from bn_repro.sweep import SINGLE_THREAD_XLA  # imports no JAX: the flags below are set before it starts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETS = ("baseline", "bn")
 MARKER = "BENCH_JSON "
+
+
+def add_torch_compile_flags(parser: argparse.ArgumentParser) -> None:
+    """``--torch_compile BACKEND[:MODE]`` (default inductor) and ``--no-torch_compile``, which skips that peer."""
+    parser.add_argument("--torch_compile", "--torch-compile", default="inductor", metavar="BACKEND[:MODE]",
+                        help="torch.compile backend of the compiled PyTorch peer, optionally with a mode, e.g. "
+                             "inductor:max-autotune-no-cudagraphs (default: inductor, default mode).")
+    parser.add_argument("--no-torch_compile", "--no-torch-compile", dest="torch_compile", action="store_const",
+                        const=None, help="Skip the torch.compile'd PyTorch peer.")
+
+
+def torch_compiled(module: Any, spec: str) -> Any:
+    """``torch.compile(module)`` with ``spec`` = 'BACKEND[:MODE]', set to compile cold at its first
+    call: dynamo's compiled code is reset and inductor's on-disk caches are off."""
+    import torch
+
+    backend, _, mode = spec.partition(":")
+    torch._dynamo.reset()
+    torch.compiler.config.force_disable_caches = True
+    return torch.compile(module, backend=backend, mode=mode or None)
+
+
+def attempt(measure: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(measure(), None), or (None, the error) if it raises: a compiled peer that fails to
+    compile (no C++ compiler, an inductor error) is recorded, not fatal to the benchmark."""
+    try:
+        return measure(), None
+    except Exception as error:  # noqa: BLE001 - whatever torch.compile raises
+        return None, f"{type(error).__name__}: {error}"
+
+
+def first_line(error: str, limit: int = 300) -> str:
+    """An error message shortened for a Markdown line (the JSON keeps it whole)."""
+    line = error.strip().splitlines()[0] if error.strip() else error
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def timed(run: Callable[[], None], steps: int, repeats: int) -> list[float]:
@@ -86,8 +142,10 @@ def bench_ours(config, images, labels, steps: int, repeats: int) -> tuple[list[f
     return timed(run, steps, repeats), compile_s
 
 
-def bench_torch(config, images_np, labels_np, steps: int, repeats: int) -> list[float]:
-    """steps/s of each call of the identical training loop in eager PyTorch."""
+def bench_torch(config, images_np, labels_np, steps: int, repeats: int, compile_spec: str | None = None
+                ) -> tuple[list[float], float, float]:
+    """(steps/s of each call, first-step loss, first-step s) of the identical training loop in
+    PyTorch: eager, or with the network under ``torch_compiled(.., compile_spec)``."""
     import torch
 
     torch.manual_seed(0)
@@ -115,13 +173,14 @@ def bench_torch(config, images_np, labels_np, steps: int, repeats: int) -> list[
         [{"params": weights, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}],
         lr=config.learning_rate, momentum=config.momentum,
     )
+    net = torch_compiled(model, compile_spec) if compile_spec else model
     images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np).long()
     n, batch, threshold = images.shape[0], config.batch_size, config.data.binarize_threshold
     steps_per_epoch, total = n // batch, config.num_steps
     cosine = config.lr_schedule == "cosine"
     holder = {"step": 0, "order": torch.randperm(n)}
 
-    def run(num_steps: int = steps) -> None:
+    def run(num_steps: int = steps) -> np.ndarray:  # the losses
         losses = []
         for step in range(holder["step"], holder["step"] + num_steps):
             position = step % steps_per_epoch
@@ -133,16 +192,19 @@ def bench_torch(config, images_np, labels_np, steps: int, repeats: int) -> list[
                     group["lr"] = lr
             index = holder["order"][position * batch : (position + 1) * batch]
             x = (images[index].reshape(batch, -1).float() / 255.0 > threshold).float()
-            loss = torch.nn.functional.cross_entropy(model(x), labels[index])
+            loss = torch.nn.functional.cross_entropy(net(x), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-        torch.stack(losses).numpy()
         holder["step"] += num_steps
+        return torch.stack(losses).numpy()
 
-    run(min(steps, 500))  # warm-up
-    return timed(run, steps, repeats)
+    start = time.perf_counter()
+    first_loss = float(run(1)[0])  # compiles the compiled peer
+    first_s = time.perf_counter() - start
+    run(min(steps, 500) - 1) if steps > 1 else None  # the rest of the warm-up
+    return timed(run, steps, repeats), first_loss, first_s
 
 
 def xla_flops(config) -> float:
@@ -192,9 +254,16 @@ def matmul_rates(config, repeats: int) -> dict:
     return {"matmul_gflops": 2 * 1024**3 * rate / 1e9, "matmul_only_steps_per_s": chain_rate}
 
 
-def child(threads: int, steps: int, repeats: int) -> list[dict]:
+def torch_fields(peer: str, result: tuple | None, error: str | None, ours: float) -> dict:
+    """A row's fields of the PyTorch ``peer`` ('torch' eager or 'torch_compiled') from ``bench_torch``'s result."""
+    rates, first_loss, first_s = result or (None, None, None)
+    rate = rates and statistics.median(rates)
+    return {f"{peer}_steps_per_s": rate, f"{peer}_each_call": rates, f"{peer}_first_loss": first_loss,
+            f"{peer}_first_step_s": first_s, f"{peer}_error": error, f"ratio_ours_{peer}": rate and ours / rate}
+
+
+def child(threads: int, steps: int, repeats: int, torch_compile: str | None) -> list[dict]:
     """All measurements at one thread setting (already applied by the parent)."""
-    import numpy as np
     from bn_repro.main import load_config
 
     rng = np.random.default_rng(0)
@@ -214,16 +283,19 @@ def child(threads: int, steps: int, repeats: int) -> list[dict]:
     for net in NETS:
         config = load_config(f"{os.path.join(REPO, 'configs', 'mnist.py')}:{net}")
         ours_all, compile_s = bench_ours(config, images, labels, steps, repeats)
-        torch_all = None if torch_error else bench_torch(config, images_np, labels_np, steps, repeats)
-        ours, torch_rate = statistics.median(ours_all), torch_all and statistics.median(torch_all)
+        ours = statistics.median(ours_all)
+        eager = None if torch_error else bench_torch(config, images_np, labels_np, steps, repeats)
+        compiled, compiled_error = None, torch_error or (None if torch_compile else "skipped (--no-torch_compile)")
+        if not compiled_error:
+            compiled, compiled_error = attempt(
+                lambda: bench_torch(config, images_np, labels_np, steps, repeats, torch_compile))
         flops = xla_flops(config)
         rates = matmul_rates(config, repeats)
         ceiling = rates["matmul_gflops"] * 1e9 / flops
         rows.append({
             "net": net, "threads": threads, "ours_steps_per_s": ours, "ours_compile_s": compile_s,
-            "torch_steps_per_s": torch_rate, "torch_error": torch_error,
-            "ours_each_call": ours_all, "torch_each_call": torch_all,
-            "ratio_ours_torch": ours / torch_rate if torch_rate else None,
+            "ours_each_call": ours_all, **torch_fields("torch", eager, torch_error, ours),
+            **torch_fields("torch_compiled", compiled, compiled_error, ours), "torch_compile": torch_compile,
             "xla_flops_per_step": flops, "hand_matmul_flops_per_step": hand_flops(config, config.batch_size),
             **rates, "ceiling_steps_per_s": ceiling, "fraction_of_ceiling": ours / ceiling,
             "steps_per_call": steps, "repeats": repeats, "loadavg_1min": os.getloadavg()[0],
@@ -238,6 +310,7 @@ def run_child(threads: int, args: argparse.Namespace) -> list[dict]:
         env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), SINGLE_THREAD_XLA]))
     command = [sys.executable, os.path.abspath(__file__), "--child", str(threads),
                "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    command += ["--torch_compile", args.torch_compile] if args.torch_compile else ["--no-torch_compile"]
     out = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True,
                          preexec_fn=lambda: os.sched_setaffinity(0, set(cores)))
     return json.loads(next(l for l in out.stdout.splitlines() if l.startswith(MARKER))[len(MARKER):])
@@ -261,16 +334,28 @@ def markdown(rows: list[dict], command: str, wall_s: float) -> str:
         f"flax {version('flax')}, torch {version('torch')}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total run time {wall_s:.0f} s",
         f"- command: `{command}`",
-        "- ours = `mnist_experiment.make_train_chunk` (lax.scan on device); torch = eager PyTorch, same step; "
-        "median of repeats; ceiling = 1024^3 float32 matmul rate / XLA FLOPs of one `train_step`; "
-        "matmul-only = the step's 7 matmuls alone at batch-60 shapes in a scan.", "",
+        "- ours = `mnist_experiment.make_train_chunk` (lax.scan on device); torch eager = eager PyTorch, same step; "
+        f"torch compiled = the same with the network under `torch.compile` ({rows[0]['torch_compile'] or 'skipped'}; "
+        "optimizer step eager), compiled cold in its first step (= its compile s); first-step losses: the two torch "
+        "loops start from the same weights and batch; median of repeats; ceiling = 1024^3 float32 matmul rate / "
+        "XLA FLOPs of one `train_step`; matmul-only = the step's 7 matmuls alone at batch-60 shapes in a scan.", "",
     ]
     spread = lambda v: f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"  # noqa: E731
-    columns = [
-        ("net", lambda r: r["net"]), ("threads", lambda r: str(r["threads"])),
-        ("ours steps/s (min-max)", lambda r: spread(r["ours_each_call"])),
-        ("torch steps/s (min-max)", lambda r: spread(r["torch_each_call"])),
-        ("ours/torch", lambda r: f"{r['ratio_ours_torch']:.2f}"),
+    columns = [("net", lambda r: r["net"]), ("threads", lambda r: str(r["threads"])),
+               ("ours steps/s (min-max)", lambda r: spread(r["ours_each_call"]))]
+    peers = {"torch": "eager", "torch_compiled": "compiled"}
+
+    def peer_columns(p: str) -> list:  # "-" in a row where that peer failed
+        cells = [(f"torch {peers[p]} steps/s (min-max)", lambda r: spread(r[f"{p}_each_call"])),
+                 (f"ours/{peers[p]}", lambda r: f"{r[f'ratio_ours_{p}']:.2f}"),
+                 (f"{peers[p]} first-step loss", lambda r: f"{r[f'{p}_first_loss']:.4f}")]
+        if p == "torch_compiled":
+            cells.append(("compile s ours / compiled",
+                          lambda r: f"{r['ours_compile_s']:.1f} / {r['torch_compiled_first_step_s']:.1f}"))
+        return [(name, lambda r, cell=cell: cell(r) if r[f"{p}_each_call"] else "-") for name, cell in cells]
+
+    columns += [c for p in peers if any(r[f"{p}_each_call"] for r in rows) for c in peer_columns(p)]
+    columns += [
         ("FLOPs/step XLA (hand matmul)", lambda r: f"{r['xla_flops_per_step'] / 1e6:.2f}M "
          f"({r['hand_matmul_flops_per_step'] / 1e6:.2f}M)"),
         ("matmul GFLOP/s (1024^3)", lambda r: f"{r['matmul_gflops']:.0f}"),
@@ -278,12 +363,11 @@ def markdown(rows: list[dict], command: str, wall_s: float) -> str:
         ("fraction of ceiling", lambda r: f"{r['fraction_of_ceiling']:.2f}"),
         ("matmul-only steps/s", lambda r: f"{r['matmul_only_steps_per_s']:.0f}"),
     ]
-    if any(r["torch_each_call"] is None for r in rows):
-        columns = [c for c in columns if "torch" not in c[0]]
     lines += ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
-    errors = {r["torch_error"] for r in rows if r["torch_error"]}
-    lines += [""] + [f"torch column missing: {e}" for e in sorted(errors)]
+    errors = {f"torch {label} not measured: {first_line(r[f'{peer}_error'])}"
+              for peer, label in peers.items() for r in rows if r[f"{peer}_error"]}
+    lines += [""] + sorted(errors)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -295,11 +379,12 @@ def main(argv: list[str]) -> int:
         help="Training steps per timed call (default: eval_every of configs/mnist.py, as in a real run).",
     )
     parser.add_argument("--repeats", type=int, default=20, help="Timed calls per measurement (median reported).")
+    add_torch_compile_flags(parser)
     parser.add_argument("--output", help="Also write the Markdown here, and the JSON rows beside it (.json).")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(MARKER + json.dumps(child(args.child, args.steps, args.repeats)), flush=True)
+        print(MARKER + json.dumps(child(args.child, args.steps, args.repeats, args.torch_compile)), flush=True)
         return 0
     available = len(os.sched_getaffinity(0))
     settings = []

@@ -7,14 +7,29 @@ For each ``--precision`` one run measures, on the first JAX device and (with
   ``configs/imagenet.py:bn_x30``) with ``--config.batch_size`` and
   ``--config.model.dtype`` set, compiled once via ``step.lower(...).compile()``;
   the compiled executable is then called with the donated state, as in training.
-* torch: ``models.torch_bn_inception.peer_of`` the same Flax model, with the
-  Flax initial weights copied in (so the first-step losses must agree), eager
-  mode, cross-entropy, SGD with the config's momentum and initial learning
-  rate, and torch's ``weight_decay`` = weight_decay / l2_reduction on conv and
-  linear weights only (the same L2 on kernels as ours; optax adds it to the
-  gradient before momentum, as torch does). bfloat16 = ``torch.autocast``.
+* torch eager: ``models.torch_bn_inception.peer_of`` the same Flax model, with
+  the Flax initial weights copied in (so the first-step losses must agree),
+  eager mode, cross-entropy, SGD with the config's momentum and initial
+  learning rate, and torch's ``weight_decay`` = weight_decay / l2_reduction on
+  conv and linear weights only (the same L2 on kernels as ours; optax adds it
+  to the gradient before momentum, as torch does). bfloat16 = ``torch.autocast``.
   Run in both memory layouts (contiguous NCHW, channels_last); the faster one
   is reported, both are in the JSON.
+* torch compiled (``--torch_compile``, default the inductor backend in its
+  default mode; ``--no-torch_compile`` skips it): the same peer, weights, batch,
+  loss and optimizer, with the network under ``torch.compile`` (forward and,
+  through AOTAutograd, backward) and the optimizer step eager. Compiling the
+  whole step function instead (forward, loss, backward, ``optimizer.step()``;
+  dynamo breaks the graph at ``backward``) ran slower than the compiled network
+  in a tiny trial (width 1/16, 32x32, on a CPU under heavy load from other
+  processes), as it did for the MNIST MLP (``bench_mnist.py``). Dynamo is reset
+  and inductor's caches are off, so its first warm-up step compiles cold: that
+  step's time is its compile s (it can take minutes on CPU). Both layouts as
+  for eager, each compiled afresh. A failure to compile (no C++ compiler, an inductor error) is
+  recorded in its row (``error``) and listed under the table.
+* ours/this: ours' steps/s over the row's, measured in the same run.
+* on CPU (``--nn_conv_row``), also ours with every convolution an ``nn.Conv``:
+  the formulation before ``layers.PointwiseConv``/``DepthwiseConv``.
 * FLOPs per step: XLA's cost analysis of our compiled step (used for both
   implementations: the same network); achieved FLOP/s = FLOPs x steps/s.
 * peak: a jitted ``--matmul_size``^3 matmul of the same dtype on the same
@@ -22,25 +37,37 @@ For each ``--precision`` one run measures, on the first JAX device and (with
   calls (other load only lowers a rate); the fraction of peak is of the faster.
 
 One batch of random images in [-1, 1] and random labels stays on the device;
-``--warmup`` steps (the first includes compilation for ours) are excluded; the
-rate is the median over ``--repeats`` timed calls of ``--steps`` steps each.
+``--warmup`` steps (the first includes compilation for torch compiled; ours is
+compiled before them) are excluded; the rate is the median over ``--repeats``
+timed calls of ``--steps`` steps each.
 
     python benchmarks/bench_model.py --output results/bench/bn_inception_cpu.md
 """
 
 import argparse
+import contextlib
 import datetime
+import functools
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from bench_mnist import timed, version, write_outputs  # This script's directory is on sys.path.
+from bench_mnist import (  # This script's directory is on sys.path.
+    add_torch_compile_flags,
+    attempt,
+    first_line,
+    timed,
+    torch_compiled,
+    version,
+    write_outputs,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,8 +112,22 @@ def matmul_gflops_torch(dtype: str, size: int, repeats: int, device: str) -> flo
     return 2 * size**3 * max(timed(run, calls, repeats)) / 1e9
 
 
-def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], float, dict]:
-    """(Flax initial variables as numpy, run(n) -> last loss, compile s, XLA cost analysis)."""
+@contextlib.contextmanager
+def nn_conv_everywhere() -> Iterator[None]:
+    """Our network with every convolution an ``nn.Conv`` (lax's convolution), as before the CPU formulations
+    (``layers.PointwiseConv``, ``layers.DepthwiseConv``): the same function and parameters."""
+    from bn_repro.models import layers
+
+    chosen = layers.cpu_formulations
+    layers.cpu_formulations = lambda: False
+    try:
+        yield
+    finally:
+        layers.cpu_formulations = chosen
+
+
+def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], float, dict, Any]:
+    """(Flax initial variables as numpy, run(n) -> last loss, compile s, XLA cost analysis, the compiled step)."""
     import jax
     from bn_repro import train
 
@@ -112,12 +153,13 @@ def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], fl
             holder["state"], loss = compiled(holder["state"], batch, rng)
         return float(loss)
 
-    return variables, run, compile_s, dict(cost)
+    return variables, run, compile_s, dict(cost), compiled
 
 
-def setup_torch(model, variables: dict, config, batch_np: dict, precision: str, device: str, channels_last: bool
-                ) -> Callable[[int], float]:
-    """run(n) -> last loss of the eager PyTorch peer's training step."""
+def setup_torch(model, variables: dict, config, batch_np: dict, precision: str, device: str, channels_last: bool,
+                compile_spec: str | None = None) -> Callable[[int], float]:
+    """run(n) -> last loss of the PyTorch peer's training step: eager, or with the network under
+    ``torch_compiled(.., compile_spec)`` (compiled at the first call)."""
     import torch
     from torch_bn_inception import load_flax_variables, peer_of
 
@@ -133,11 +175,12 @@ def setup_torch(model, variables: dict, config, batch_np: dict, precision: str, 
                                 lr=lr, momentum=config.momentum)
     x = torch.from_numpy(batch_np["image"].transpose(0, 3, 1, 2).copy()).to(device).contiguous(memory_format=layout)
     y = torch.from_numpy(batch_np["label"]).long().to(device)
+    net = torch_compiled(peer, compile_spec) if compile_spec else peer
 
     def run(n: int) -> float:
         for _ in range(n):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                loss = torch.nn.functional.cross_entropy(peer(x), y)
+                loss = torch.nn.functional.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -146,11 +189,25 @@ def setup_torch(model, variables: dict, config, batch_np: dict, precision: str, 
     return run
 
 
-def measure(run: Callable[[int], float], args: argparse.Namespace) -> tuple[float, list[float]]:
-    """(loss of the first warm-up step, steps/s of each timed call)."""
+def measure(run: Callable[[int], float], args: argparse.Namespace) -> tuple[float, float, list[float]]:
+    """(loss of the first warm-up step, its seconds, steps/s of each timed call)."""
+    start = time.perf_counter()
     first = run(1)
+    first_s = time.perf_counter() - start
     run(args.warmup - 1) if args.warmup > 1 else None
-    return first, timed(lambda: run(args.steps), args.steps, args.repeats)
+    return first, first_s, timed(lambda: run(args.steps), args.steps, args.repeats)
+
+
+def measure_layouts(make_run: Callable[[bool], Callable[[int], float]], args: argparse.Namespace) -> dict:
+    """A PyTorch peer's fields in the faster memory layout (``make_run(channels_last)`` builds it),
+    the other layout's under ``other_layouts``."""
+    layouts = {}
+    for channels_last in (False, True):
+        first, first_s, rates = measure(make_run(channels_last), args)
+        layouts["channels_last" if channels_last else "contiguous"] = {
+            "first_loss": first, "first_step_s": first_s, "steps_per_s_each": rates}
+    best = max(layouts, key=lambda k: statistics.median(layouts[k]["steps_per_s_each"]))
+    return {"layout": best, **layouts[best], "other_layouts": {k: v for k, v in layouts.items() if k != best}}
 
 
 def bench(precision: str, args: argparse.Namespace) -> list[dict]:
@@ -171,15 +228,25 @@ def bench(precision: str, args: argparse.Namespace) -> list[dict]:
                 "label": data.integers(0, config.model.num_classes, (batch,)).astype(np.int32)}
     device = jax.devices()[0]
     matmul_jax = matmul_gflops_jax(precision, args.matmul_size, args.repeats)
-    variables, run, compile_s, cost = setup_ours(config, batch_np)
+    variables, run, compile_s, cost, _ = setup_ours(config, batch_np)
     flops = float(cost["flops"])
-    first, rates = measure(run, args)
+    first, _, rates = measure(run, args)
     common = {"precision": precision, "batch_size": batch, "image_size": size, "flops_per_step": flops,
               "matmul_gflops_jax": matmul_jax, "matmul_size": args.matmul_size}
-    rows = [{**common, "implementation": "ours (JAX/XLA jit)", "device": f"{device.platform}: {device.device_kind}",
-             "threads": "XLA default (all cores)" if device.platform == "cpu" else "-", "layout": "NHWC",
-             "compile_s": compile_s, "first_loss": first, "steps_per_s_each": rates,
-             "bytes_accessed": cost.get("bytes accessed"), "loadavg_1min": os.getloadavg()[0]}]
+    ours = {**common, "device": f"{device.platform}: {device.device_kind}",
+            "threads": "XLA default (all cores)" if device.platform == "cpu" else "-", "layout": "NHWC"}
+    rows = [{**ours, "implementation": "ours (JAX/XLA jit)", "compile_s": compile_s, "first_loss": first,
+             "steps_per_s_each": rates, "bytes_accessed": cost.get("bytes accessed"),
+             "loadavg_1min": os.getloadavg()[0]}]
+    from bn_repro.models import layers
+
+    if args.nn_conv_row and layers.cpu_formulations():
+        with nn_conv_everywhere():
+            _, run_before, compile_before, _, _ = setup_ours(config, batch_np)
+            first_before, _, rates_before = measure(run_before, args)
+        rows.append({**ours, "implementation": "ours, nn.Conv everywhere (before)", "compile_s": compile_before,
+                     "first_loss": first_before, "steps_per_s_each": rates_before,
+                     "loadavg_1min": os.getloadavg()[0]})
     if args.torch:
         import torch
 
@@ -187,25 +254,29 @@ def bench(precision: str, args: argparse.Namespace) -> list[dict]:
         tdev = "cuda" if torch.cuda.is_available() else "cpu"
         matmul_torch = matmul_gflops_torch(precision, args.matmul_size, args.repeats, tdev)
         model = train.create_setup(config).model
-        layouts = {}
-        for channels_last in (False, True):
-            run_torch = setup_torch(model, variables, config, batch_np, precision, tdev, channels_last)
-            first_t, rates_t = measure(run_torch, args)
-            layouts["channels_last" if channels_last else "contiguous"] = (first_t, rates_t)
-        best = max(layouts, key=lambda k: statistics.median(layouts[k][1]))
         name = torch.cuda.get_device_name() if tdev == "cuda" else "cpu"
-        rows.append({**common, "implementation": "torch eager", "device": f"{tdev}: {name}",
-                     "threads": str(torch.get_num_threads()) if tdev == "cpu" else "-", "layout": best,
-                     "compile_s": None, "first_loss": layouts[best][0], "steps_per_s_each": layouts[best][1],
-                     "other_layouts": {k: v for k, v in layouts.items() if k != best},
-                     "loadavg_1min": os.getloadavg()[0]})
+        peers = [("torch eager", None)] + ([("torch compiled", args.torch_compile)] if args.torch_compile else [])
+        for implementation, spec in peers:
+            make_run = functools.partial(setup_torch, model, variables, config, batch_np, precision, tdev,
+                                         compile_spec=spec)
+            if spec:
+                fields, error = attempt(lambda: measure_layouts(make_run, args))
+            else:  # eager torch failing is a bug, not a missing compiler
+                fields, error = measure_layouts(make_run, args), None
+            rows.append({**common, "implementation": implementation, "device": f"{tdev}: {name}",
+                         "threads": str(torch.get_num_threads()) if tdev == "cpu" else "-", "torch_compile": spec,
+                         "compile_s": fields["first_step_s"] if spec and fields else None, **(fields or {}),
+                         "error": error, "loadavg_1min": os.getloadavg()[0]})
         for row in rows:
             row["matmul_gflops_torch"] = matmul_torch
+    ours = statistics.median(rates)
     for row in rows:
+        if row.get("error"):
+            continue
         steps_per_s = statistics.median(row["steps_per_s_each"])
         peak = max(row["matmul_gflops_jax"], row.get("matmul_gflops_torch") or 0.0)
         row.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * batch, achieved_gflops=flops * steps_per_s / 1e9,
-                   peak_gflops=peak, fraction_of_peak=flops * steps_per_s / 1e9 / peak)
+                   peak_gflops=peak, fraction_of_peak=flops * steps_per_s / 1e9 / peak, ratio_ours=ours / steps_per_s)
     return rows
 
 
@@ -227,8 +298,12 @@ def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Names
         f"1-min load average at the start {args.load_start:.1f}, at the end {os.getloadavg()[0]:.1f} "
         "(other processes share the machine)",
         f"- command: `{command}`",
-        f"- config `{os.path.relpath(args.config.partition(':')[0], REPO)}:{args.config.partition(':')[2]}`; ours = the compiled `train.make_streamed_step`; torch = eager peer "
+        f"- config `{os.path.relpath(args.config.partition(':')[0], REPO)}:{args.config.partition(':')[2]}`; "
+        "ours = the compiled `train.make_streamed_step`; torch eager = the peer "
         "(`benchmarks/torch_bn_inception.py`) with the same initial weights, SGD+momentum, L2 on weights; "
+        "torch compiled = the same with the network under `torch.compile` "
+        f"({args.torch_compile or 'skipped'}; optimizer step eager), compiled cold in its first warm-up step "
+        f"(= its compile s); ours/this = ours' rate over the row's; "
         f"one batch kept on the device; {args.warmup} warm-up steps excluded, median (min-max) of {args.repeats} "
         f"timed calls of {args.steps} step(s); FLOPs = XLA cost analysis of our compiled step, for both; "
         f"peak = the faster of JAX's and torch's {args.matmul_size}^3 matmul of the same dtype (best of "
@@ -245,15 +320,20 @@ def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Names
         ("matmul GFLOP/s JAX / torch", lambda r: f"{r['matmul_gflops_jax']:.0f} / "
          + (f"{r['matmul_gflops_torch']:.0f}" if r.get("matmul_gflops_torch") else "-")),
         ("fraction of peak", lambda r: f"{r['fraction_of_peak']:.3f}"),
+        ("ours/this", lambda r: f"{r['ratio_ours']:.2f}"),
         ("first-step loss", lambda r: f"{r['first_loss']:.4f}"),
         ("compile s", lambda r: f"{r['compile_s']:.0f}" if r["compile_s"] is not None else "-"),
     ]
+    measured = [r for r in rows if not r.get("error")]
     lines += ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
-    others = [f"- torch {r['precision']} {k}: {statistics.median(v[1]) * r['batch_size']:.1f} images/s"
-              for r in rows for k, v in r.get("other_layouts", {}).items()]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in measured]
+    others = [f"- {r['implementation']} {r['precision']} {k}: "
+              f"{statistics.median(v['steps_per_s_each']) * r['batch_size']:.1f} images/s"
+              for r in measured for k, v in r.get("other_layouts", {}).items()]
     lines += ["", "Other torch layout:", *others] if others else []
-    if any(r["fraction_of_peak"] > 1 for r in rows):
+    failed = [f"- {r['implementation']} {r['precision']}: {first_line(r['error'])}" for r in rows if r.get("error")]
+    lines += ["", "Not measured:", *failed] if failed else []
+    if any(r["fraction_of_peak"] > 1 for r in measured):
         lines += ["", "A fraction above 1: the matmul measured here is not this dtype's peak on this device."]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -268,10 +348,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--precision", default="float32", help="float32, bfloat16, or both comma-separated.")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
                         help="Also measure the PyTorch peer (default: if torch imports).")
+    add_torch_compile_flags(parser)
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (>= 1).")
     parser.add_argument("--repeats", type=int, default=5, help="Timed calls; the median is reported.")
     parser.add_argument("--steps", type=int, default=1, help="Steps per timed call.")
     parser.add_argument("--matmul_size", type=int, default=None, help="Peak matmul size (default 2048 CPU, 8192 else).")
+    parser.add_argument("--nn_conv_row", action=argparse.BooleanOptionalAction, default=True,
+                        help="On CPU, also time our step with nn.Conv everywhere (the formulation before).")
     parser.add_argument("--output", help="Also write the Markdown here, and the JSON rows beside it (.json).")
     args = parser.parse_args(argv)
     precisions = [p.strip() for p in args.precision.split(",")]

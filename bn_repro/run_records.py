@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import subprocess
-import uuid
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -186,13 +186,14 @@ TENSORBOARD = "tensorboard"
 def tensorboard_writer(workdir: str, start_step: int) -> Any:
     """A TensorBoard event writer for ``<workdir>/tensorboard`` (tensorboardX: no TensorFlow).
     A run resumed from step ``start_step`` purges the events a killed process wrote after it.
-    Each writer gets its own file: tensorboardX names files by the second, and
-    would truncate an earlier process's file started in the same second."""
+    Each writer gets its own file, named to sort in the order written (TensorBoard
+    reads a directory's files in name order): tensorboardX names files by the
+    second, and would truncate an earlier process's file started in the same second."""
     import tensorboardX  # imported here: only the writing process needs it
 
     return tensorboardX.SummaryWriter(os.path.join(workdir, TENSORBOARD),
                                       purge_step=start_step + 1 if start_step else None,
-                                      filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+                                      filename_suffix=f".{time.time_ns()}.{os.getpid()}")
 
 
 def write_scalars(writer: Any, step: int, scalars: dict) -> None:

@@ -23,6 +23,7 @@ from bn_repro.batchnorm import BatchNorm
 from bn_repro.main import load_config
 from bn_repro.models.bn_inception import BNInception
 from bn_repro.models.googlenet import GoogLeNet
+from bn_repro.models import layers
 from bn_repro.models.layers import local_response_norm, max_pool
 
 IMAGE = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
@@ -194,7 +195,7 @@ def computation(model, image=SMALL_IMAGE) -> dict:
     update is skipped while initialising: see :func:`statistics_update`).
 
     ``units``: the module path of every conv -> [BN] -> nonlinearity unit (the
-    module holding a ``conv`` convolution) mapped to its nonlinearities, with
+    module holding a ``conv`` convolution, or a 1x1 one as a matrix product) mapped to its nonlinearities, with
     ``bn`` whether it normalises (an rsqrt in its ``bn`` submodule);
     ``pools``: for each inception module, the pooling of its pool branch
     (``max``: maxima of shifted slices; ``avg``: a reduce_window sum);
@@ -213,7 +214,7 @@ def computation(model, image=SMALL_IMAGE) -> dict:
     unit_scopes = {
         relative(scope).rsplit("/", 1)[0]
         for scope, eqn in equations
-        if eqn.primitive.name == "conv_general_dilated" and scope.endswith("/conv")
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general") and scope.endswith("/conv")
     }
     acts, rsqrt, pool_ops = collections.defaultdict(list), set(), collections.defaultdict(set)
     lrn, dropout, conv_dtypes = 0, {}, set()
@@ -434,3 +435,82 @@ def test_local_response_norm_matches_caffe_formula():
         window = x[..., max(0, c - 2) : c + 3]
         expected[..., c] = x[..., c] / (1.0 + 1e-4 / 5 * np.sum(window**2, axis=-1)) ** 0.75
     np.testing.assert_allclose(local_response_norm(jnp.asarray(x, jnp.float32)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(use_bn=True), dict(use_bn=False, separable_stem=False)])
+def test_cpu_formulations_compute_the_same_with_the_same_parameters(kwargs, monkeypatch):
+    """BN-Inception with its 1x1 convolutions as matrix products and its depthwise stem as one convolution per
+    input channel, against ``nn.Conv`` for both: the same parameter tree and initial values (a checkpoint of one
+    loads into the other), and training-mode loss, BN statistics and gradients as close to a float64 computation
+    as ``nn.Conv``'s are (summation order differs; ~60 BN layers amplify float32 rounding in the gradients to
+    ~1e-4 of their norm either way)."""
+    model = BNInception(num_classes=10, width=0.0625, norm=BatchNorm if kwargs["use_bn"] else None,
+                        **{k: v for k, v in kwargs.items() if k != "use_bn"})
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 64, 64, 3)))
+    labels = jnp.arange(4) % 10
+
+    def run(cpu: bool, dtype=np.float32):
+        monkeypatch.setattr(layers, "cpu_formulations", lambda: cpu)
+        rngs = {"params": KEY, "dropout": KEY}
+        variables = jax.jit(lambda x: model.init(rngs, x, train=False))(x.astype(np.float32))
+
+        @jax.jit
+        def loss_and_grads(variables, x):
+            def loss(params):
+                logits, updates = model.apply({**variables, "params": params}, x, train=True, rngs={"dropout": KEY},
+                                              mutable=["batch_stats"])
+                return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), updates
+            return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+        cast = jax.tree.map(lambda v: np.asarray(v, dtype), variables)
+        equations = [eqn for _, eqn in traced_equations(jax.make_jaxpr(loss_and_grads)(cast, x).jaxpr)]
+        conv = "conv_general_dilated"
+        ops = [e.primitive.name + (f":groups={e.params['feature_group_count']}" if e.primitive.name == conv else "")
+               for e in equations]
+        (loss, stats), grads = loss_and_grads(cast, x.astype(dtype))
+        return variables, [loss, *jax.tree.leaves((stats, grads))], ops
+
+    conv_vars, conv_out, conv_ops = run(cpu=False)
+    cpu_vars, cpu_out, cpu_ops = run(cpu=True)
+    with jax.enable_x64(True):
+        _, exact, _ = run(cpu=False, dtype=np.float64)
+    assert jax.tree.structure(conv_vars) == jax.tree.structure(cpu_vars)
+    for a, b in zip(jax.tree.leaves(conv_vars), jax.tree.leaves(cpu_vars)):
+        np.testing.assert_array_equal(a, b)
+    one_by_one = sum(1 for path, leaf in jax.tree_util.tree_flatten_with_path(conv_vars["params"])[0]
+                     if path[-1].key == "kernel" and leaf.shape[:2] == (1, 1))
+    assert one_by_one > 20 and cpu_ops.count("dot_general") >= conv_ops.count("dot_general") + one_by_one
+    separable = model.separable_stem
+    assert ("conv_general_dilated:groups=3" in conv_ops) == separable  # the depthwise stem: 3 input channels
+    assert "conv_general_dilated:groups=3" not in cpu_ops
+
+    def error(out):  # per array, relative to the float64 array's norm
+        return max(np.linalg.norm(np.asarray(o, np.float64) - np.asarray(e)) / max(np.linalg.norm(np.asarray(e)), 1e-6)
+                   for o, e in zip(out, exact))
+
+    assert error(cpu_out) <= 2 * error(conv_out) + 1e-6, (error(cpu_out), error(conv_out))
+
+
+@pytest.mark.parametrize("k, use_bias", [(3, False), (5, True)])
+def test_large_map_conv_is_nn_conv_with_the_same_parameters_values_and_gradients(k, use_bias):
+    """``LargeMapConv`` (its kernel gradient from im2col patches) against ``nn.Conv``: the same parameters from the
+    same key, and the same output, input gradient and parameter gradients to float32 tolerance."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 11, 6))
+    g = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 11, 4))
+    ours = layers.LargeMapConv(4, (k, k), use_bias=use_bias)
+    reference = nn.Conv(4, (k, k), use_bias=use_bias, kernel_init=layers.KERNEL_INIT)
+    params = [m.init(KEY, x) for m in (ours, reference)]
+    assert jax.tree.structure(params[0]) == jax.tree.structure(params[1])
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda p: p + 0.1, params[1])  # a nonzero bias too
+
+    @jax.jit
+    def values_and_gradients(params, x):
+        return [(m.apply(params, x), jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * g), argnums=(0, 1))(params, x))
+                for m in (ours, reference)]
+
+    (y, grads), (ref_y, ref_grads) = values_and_gradients(params, x)
+    np.testing.assert_array_equal(y, ref_y)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -157,11 +157,13 @@ def hand_matmul_flops(batch: int = 60) -> int:
 
 
 def test_bench_mnist_one_thread(tmp_path, monkeypatch, capsys):
-    """Both nets at one thread, 5 steps per call, one call. The script's child process per
-    thread setting (there to set XLA's threading flag and the CPU affinity before jax
-    starts) is replaced by the same function called in this process."""
+    """Both nets at one thread, 5 steps per call, one call, and if torch imports its eager and
+    torch.compile'd (inductor, compiled cold: seconds to tens of seconds a net) peers. The script's child
+    process per thread setting (there to set XLA's threading flag and the CPU affinity before
+    jax starts) is replaced by the same function called in this process."""
     bench = load_script("benchmarks/bench_mnist.py", monkeypatch)
-    monkeypatch.setattr(bench, "run_child", lambda threads, args: bench.child(threads, args.steps, args.repeats))
+    monkeypatch.setattr(bench, "run_child",
+                        lambda threads, args: bench.child(threads, args.steps, args.repeats, args.torch_compile))
     output = tmp_path / "mnist_cpu.md"
     assert bench.main(["--threads", "1", "--steps", "5", "--repeats", "1", "--output", str(output)]) == 0
     text = output.read_text()
@@ -176,41 +178,67 @@ def test_bench_mnist_one_thread(tmp_path, monkeypatch, capsys):
         assert r["ours_steps_per_s"] > 0 and r["matmul_gflops"] > 0 and r["matmul_only_steps_per_s"] > 0
         assert r["ceiling_steps_per_s"] == pytest.approx(r["matmul_gflops"] * 1e9 / r["xla_flops_per_step"])
         assert r["fraction_of_ceiling"] == pytest.approx(r["ours_steps_per_s"] / r["ceiling_steps_per_s"])
-        assert (r["torch_steps_per_s"] > 0) if with_torch else r["torch_error"].startswith("import torch failed")
+        assert r["torch_compile"] == "inductor"
+        for peer in ("torch", "torch_compiled"):
+            if not with_torch:
+                assert r[f"{peer}_error"].startswith("import torch failed")
+                continue
+            assert r[f"{peer}_error"] is None and r[f"{peer}_steps_per_s"] > 0
+            assert r[f"ratio_ours_{peer}"] == pytest.approx(r["ours_steps_per_s"] / r[f"{peer}_steps_per_s"])
+        if with_torch:  # The same seed: the same initial weights and first batch.
+            assert abs(r["torch_first_loss"] - math.log(10)) < 0.5
+            assert r["torch_compiled_first_loss"] == pytest.approx(r["torch_first_loss"], abs=1e-5)
+            assert r["torch_compiled_first_step_s"] > 0
     header, body = table(text)
-    torch_columns = ["torch steps/s (min-max)", "ours/torch"] if with_torch else []
+    torch_columns = ["torch eager steps/s (min-max)", "ours/eager", "eager first-step loss",
+                     "torch compiled steps/s (min-max)", "ours/compiled", "compiled first-step loss",
+                     "compile s ours / compiled"] if with_torch else []
     assert header == ["net", "threads", "ours steps/s (min-max)", *torch_columns, "FLOPs/step XLA (hand matmul)",
                       "matmul GFLOP/s (1024^3)", "ceiling steps/s", "fraction of ceiling", "matmul-only steps/s"]
     assert [row[:2] for row in body] == [["baseline", "1"], ["bn", "1"]]
     assert all(row[header.index("FLOPs/step XLA (hand matmul)")].endswith("(26.38M)") for row in body)
-    assert ("torch column missing" in text) != with_torch
+    assert ("not measured" in text) != with_torch
 
 
 # --- benchmarks/bench_model.py ----------------------------------------------------------
 
 def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
     """Our compiled step of the :small BN-Inception (width 1/16, 32x32, batch 8), one
-    warm-up and one timed step; the PyTorch peer too if torch imports (it is optional)."""
+    warm-up and one timed step; if torch imports (it is optional), the eager PyTorch peer
+    and the torch.compile'd one, with the aot_eager backend: dynamo and AOTAutograd as
+    with inductor, but no kernels to generate (inductor compiles this net's ~60 conv
+    units cold for minutes on CPU, twice: once a layout)."""
     bench = load_script("benchmarks/bench_model.py", monkeypatch)
     with_torch = bench.torch_available()
     output = tmp_path / "bn_inception.md"
     argv = ["--config", os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30:small", "--batch_size", "8",
             "--image_size", "32", "--warmup", "1", "--repeats", "1", "--steps", "1",
             # The peak matmul does ~0.2 TFLOP per timed call whatever its size; 1024 was the quickest.
-            "--matmul_size", "1024", "--torch" if with_torch else "--no-torch", "--output", str(output)]
+            "--matmul_size", "1024", "--torch" if with_torch else "--no-torch", "--torch_compile", "aot_eager",
+            "--output", str(output)]
     assert bench.main(argv) == 0
     text = output.read_text()
     assert text in capsys.readouterr().out
     assert text.startswith("# BN-Inception (Figure 5) training throughput, 32x32, batch 8")
     rows = json.loads((tmp_path / "bn_inception.json").read_text())["rows"]
-    assert [r["implementation"] for r in rows] == ["ours (JAX/XLA jit)"] + (["torch eager"] if with_torch else [])
+    torch_rows = ["torch eager", "torch compiled"] if with_torch else []
+    assert [r["implementation"] for r in rows] == ["ours (JAX/XLA jit)", *torch_rows]
+    assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
     for r in rows:
         assert (r["precision"], r["batch_size"], r["image_size"]) == ("float32", 8, 32)
         assert 0 < r["flops_per_step"] < 1e11 and r["images_per_s"] > 0 and r["peak_gflops"] > 0
         assert abs(r["first_loss"] - math.log(1000)) < 1.0  # ~ln(classes) at initialisation
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_step"] * r["steps_per_s"] / 1e9)
+        assert r["ratio_ours"] == pytest.approx(rows[0]["steps_per_s"] / r["steps_per_s"])
     if with_torch:  # The same initial weights and batch: the same first loss.
-        assert rows[1]["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-3)
+        eager, compiled = rows[1:]
+        assert eager["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-3)
+        assert compiled["first_loss"] == pytest.approx(eager["first_loss"], abs=1e-4)
+        assert (eager["torch_compile"], eager["compile_s"]) == (None, None)
+        assert compiled["torch_compile"] == "aot_eager" and compiled["compile_s"] > 0
+        for r in (eager, compiled):  # both layouts measured, the faster one reported
+            assert {r["layout"], *r["other_layouts"]} == {"contiguous", "channels_last"}
     header, body = table(text)
-    assert header[:3] == ["implementation", "precision", "device"] and len(header) == 13
+    assert header[:3] == ["implementation", "precision", "device"] and len(header) == 14
+    assert header[-3:] == ["ours/this", "first-step loss", "compile s"]
     assert [row[0] for row in body] == [r["implementation"] for r in rows]
