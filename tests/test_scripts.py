@@ -204,7 +204,7 @@ def test_bench_mnist_one_thread(tmp_path, monkeypatch, capsys):
 
 def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
     """Our compiled step of the :small BN-Inception (width 1/16, 32x32, batch 8), one
-    warm-up and one timed step; if torch imports (it is optional), the eager PyTorch peer
+    warm-up and one timed step, also with nn.Conv everywhere; if torch imports (it is optional), the eager PyTorch peer
     and the torch.compile'd one, with the aot_eager backend: dynamo and AOTAutograd as
     with inductor, but no kernels to generate (inductor compiles this net's ~60 conv
     units cold for minutes on CPU, twice: once a layout)."""
@@ -222,7 +222,9 @@ def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
     assert text.startswith("# BN-Inception (Figure 5) training throughput, 32x32, batch 8")
     rows = json.loads((tmp_path / "bn_inception.json").read_text())["rows"]
     torch_rows = ["torch eager", "torch compiled"] if with_torch else []
-    assert [r["implementation"] for r in rows] == ["ours (JAX/XLA jit)", *torch_rows]
+    assert [r["implementation"] for r in rows] == ["ours (JAX/XLA jit)", "ours, nn.Conv everywhere (before)",
+                                                   *torch_rows]  # on CPU: the formulation before, in the same run
+    assert rows[1]["first_loss"] == pytest.approx(rows[0]["first_loss"], rel=1e-5)  # the same function
     assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
     for r in rows:
         assert (r["precision"], r["batch_size"], r["image_size"]) == ("float32", 8, 32)
@@ -231,7 +233,7 @@ def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_step"] * r["steps_per_s"] / 1e9)
         assert r["ratio_ours"] == pytest.approx(rows[0]["steps_per_s"] / r["steps_per_s"])
     if with_torch:  # The same initial weights and batch: the same first loss.
-        eager, compiled = rows[1:]
+        eager, compiled = rows[2:]
         assert eager["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-3)
         assert compiled["first_loss"] == pytest.approx(eager["first_loss"], abs=1e-4)
         assert (eager["torch_compile"], eager["compile_s"]) == (None, None)
