@@ -126,6 +126,32 @@ def nn_conv_everywhere() -> Iterator[None]:
         layers.cpu_formulations = chosen
 
 
+def add_network_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick our network and its batch: ``--config``, ``--batch_size``, ``--image_size``, ``--set``."""
+    parser.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--image_size", type=int, help="Override the config's (224), e.g. for smoke tests.")
+    parser.add_argument("--set", action="append", default=[], metavar="--config.FIELD=VALUE",
+                        help="A config override for our network (repeatable), e.g. "
+                             "--set=--config.model.separable_stem=False.")
+
+
+def network_config_and_batch(args: argparse.Namespace, precision: str) -> tuple[Any, dict, list[str]]:
+    """(the config the flags of :func:`add_network_flags` pick, computing in ``precision``;
+    one random batch of it as numpy; the overrides applied)."""
+    from bn_repro import main as bn_main
+
+    overrides = [f"--config.batch_size={args.batch_size}", f"--config.model.dtype={precision}"]
+    overrides += [f"--config.data.image_size={args.image_size}"] if args.image_size else []
+    overrides += args.set
+    config = bn_main.load_config(args.config, overrides)
+    size, batch, channels = config.data.image_size, config.batch_size, config.data.channels
+    data = np.random.default_rng(0)
+    batch_np = {"image": data.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
+                "label": data.integers(0, config.model.num_classes, (batch,)).astype(np.int32)}
+    return config, batch_np, overrides
+
+
 def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], float, dict, Any]:
     """(Flax initial variables as numpy, run(n) -> last loss, compile s, XLA cost analysis, the compiled step)."""
     import jax
@@ -134,7 +160,7 @@ def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], fl
     setup = train.create_setup(config)
     size = config.data.image_size
     state = train.create_train_state(  # compiled_init as a classification run builds it
-        jax.random.PRNGKey(0), config, setup.model, (size, size, 3), IMAGENET_TRAIN_IMAGES // config.batch_size,
+        jax.random.PRNGKey(0), config, setup.model, (size, size, config.data.channels), IMAGENET_TRAIN_IMAGES // config.batch_size,
         compiled_init=True,
     )
     variables = jax.tree.map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
@@ -212,20 +238,12 @@ def measure_layouts(make_run: Callable[[bool], Callable[[int], float]], args: ar
 
 def bench(precision: str, args: argparse.Namespace) -> list[dict]:
     import jax
-    from bn_repro import main as bn_main
-
-    overrides = [f"--config.batch_size={args.batch_size}", f"--config.model.dtype={precision}"]
-    overrides += [f"--config.data.image_size={args.image_size}"] if args.image_size else []
-    overrides += args.set
-    config = bn_main.load_config(args.config, overrides)
-    if config.model.architecture != "bn_inception":
-        raise SystemExit(f"{args.config} is not BN-Inception")
     from bn_repro import train
 
+    config, batch_np, _ = network_config_and_batch(args, precision)
+    if config.model.architecture != "bn_inception":
+        raise SystemExit(f"{args.config} is not BN-Inception")
     size, batch = config.data.image_size, config.batch_size
-    data = np.random.default_rng(0)
-    batch_np = {"image": data.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-                "label": data.integers(0, config.model.num_classes, (batch,)).astype(np.int32)}
     device = jax.devices()[0]
     matmul_jax = matmul_gflops_jax(precision, args.matmul_size, args.repeats)
     variables, run, compile_s, cost, _ = setup_ours(config, batch_np)
@@ -340,11 +358,7 @@ def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Names
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--image_size", type=int, help="Override the config's (224); for smoke tests.")
-    parser.add_argument("--set", action="append", default=[], metavar="--config.FIELD=VALUE",
-                        help="A config override for our network (repeatable), e.g. --set=--config.model.separable_stem=False.")
+    add_network_flags(parser)
     parser.add_argument("--precision", default="float32", help="float32, bfloat16, or both comma-separated.")
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
                         help="Also measure the PyTorch peer (default: if torch imports).")

@@ -40,7 +40,7 @@ import time
 import numpy as np
 
 from bench_mnist import version, write_outputs  # This script's directory is on sys.path.
-from bench_model import REPO, nn_conv_everywhere, setup_ours
+from bench_model import add_network_flags, network_config_and_batch, nn_conv_everywhere, setup_ours
 
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>.+?) (?P<opcode>[a-z][\w\-]*)\((?P<rest>.*)$")
 COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>[\w.\-]+) ")
@@ -147,15 +147,8 @@ def traced_thread_times(trace_dir: str) -> dict[str, float]:
 
 def profile(args: argparse.Namespace) -> dict:
     import jax
-    from bn_repro import main as bn_main
-
-    overrides = [f"--config.batch_size={args.batch_size}", f"--config.model.dtype={args.precision}"]
-    overrides += [f"--config.data.image_size={args.image_size}"] if args.image_size else []
-    config = bn_main.load_config(args.config, overrides + args.set)
+    config, batch_np, overrides = network_config_and_batch(args, args.precision)
     size, batch = config.data.image_size, config.batch_size
-    data = np.random.default_rng(0)
-    batch_np = {"image": data.uniform(-1, 1, (batch, size, size, config.data.channels)).astype(np.float32),
-                "label": data.integers(0, config.model.num_classes, (batch,)).astype(np.int32)}
     with nn_conv_everywhere() if args.nn_conv else contextlib.nullcontext():
         variables, run, _, _, compiled = setup_ours(config, batch_np)
     computations = parse_hlo(compiled.as_text())
@@ -174,7 +167,7 @@ def profile(args: argparse.Namespace) -> dict:
             kinds[kind_of(by_name[name], computations, variables["params"])] += seconds / args.steps
         else:
             unmatched += seconds / args.steps
-    return {"config": args.config, "overrides": overrides + args.set, "nn_conv_everywhere": args.nn_conv,
+    return {"config": args.config, "overrides": overrides, "nn_conv_everywhere": args.nn_conv,
             "image_size": size, "batch_size": batch,
             "channels": config.data.channels, "precision": args.precision, "steps": args.steps,
             "wall_s_per_step_traced": wall, "thread_s_per_step": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
@@ -206,11 +199,7 @@ def markdown(record: dict, command: str) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--image_size", type=int, help="Override the config's (224).")
-    parser.add_argument("--set", action="append", default=[], metavar="--config.FIELD=VALUE",
-                        help="A config override (repeatable), e.g. --set=--config.model.width=0.125.")
+    add_network_flags(parser)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (>= 1).")
     parser.add_argument("--steps", type=int, default=3, help="Steps traced.")

@@ -89,7 +89,7 @@ def _conv_forward(x, kernel):
 
 def _conv_backward(residuals, g):
     x, kernel = residuals
-    (dx,) = jax.vjp(lambda x: _conv(x, kernel), x)[1](g)
+    (dx,) = jax.linear_transpose(lambda x: _conv(x, kernel), x)(g)  # the input gradient, without a forward pass
     k, _, channels, features = kernel.shape
     height, width = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
@@ -165,15 +165,15 @@ class ConvUnit(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         kernel, stride = (self.kernel, self.kernel), (self.stride, self.stride)
         on_cpu = self.cpu_formulations if self.cpu_formulations is not None else cpu_formulations()
-        if self.separable_multiplier and on_cpu:
-            x = DepthwiseConv(self.separable_multiplier, kernel, stride, dtype=self.dtype, name="depthwise")(x)
-        elif self.separable_multiplier:
-            channels = x.shape[-1]
-            x = nn.Conv(
-                channels * self.separable_multiplier, kernel, stride, feature_group_count=channels,
-                use_bias=False, kernel_init=KERNEL_INIT, dtype=self.dtype, name="depthwise",
-            )(x)
         if self.separable_multiplier:
+            if on_cpu:
+                x = DepthwiseConv(self.separable_multiplier, kernel, stride, dtype=self.dtype, name="depthwise")(x)
+            else:
+                channels = x.shape[-1]
+                x = nn.Conv(
+                    channels * self.separable_multiplier, kernel, stride, feature_group_count=channels,
+                    use_bias=False, kernel_init=KERNEL_INIT, dtype=self.dtype, name="depthwise",
+                )(x)
             kernel, stride = (1, 1), (1, 1)
         large_map = x.shape[1] * x.shape[2] >= IM2COL_KERNEL_GRADIENT_MIN_AREA and kernel[0] % 2 == 1
         if kernel == (1, 1) and stride == (1, 1) and on_cpu:
