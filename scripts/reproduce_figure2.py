@@ -41,7 +41,6 @@ import os
 import shlex
 import shutil
 import sys
-import time
 
 from bn_repro import compare, figure2, run_records, sweep, train
 from bn_repro.main import load_config
@@ -147,8 +146,7 @@ def write(path: str, text: str) -> None:
         f.write(text)
 
 
-def report(planned: list[Planned], runs: dict[Planned, sweep.Run], root: str, results: str, command: str,
-           sweep_wall_time_s: float | None) -> list[str]:
+def report(planned: list[Planned], runs: dict[Planned, sweep.Run], root: str, results: str, command: str) -> list[str]:
     """Writes the tables and figures of every group whose runs have all finished; returns their names."""
     os.makedirs(results, exist_ok=True)
     complete = [g for g in GROUPS if any(p.group == g for p in planned)
@@ -173,8 +171,7 @@ def report(planned: list[Planned], runs: dict[Planned, sweep.Run], root: str, re
         if "sigmoid" in complete:
             groups.update(rows_by_label(planned, runs, "sigmoid"))
         target = write_figures_2_and_3(groups, results, command, header,
-                                       title="Fashion-MNIST proxy of Figure 2 (mean over seeds, min-max band)",
-                                       sweep_wall_time_s=sweep_wall_time_s)["target_accuracy"]
+                                       title="Fashion-MNIST proxy of Figure 2 (mean over seeds, min-max band)")["target_accuracy"]
     for group in ("lr_sweep", "ablation"):
         if group not in complete or target is None:
             continue
@@ -291,21 +288,18 @@ def main(argv: list[str]) -> int:
     restored = restore_records(unique, args.workdir, args.results)
     if restored:
         print(f"{len(restored)} finished runs restored from {args.results}/runs.")
-    wall_time = None
     if not args.report_only:
         # Prepare (or verify) the data once, before several processes read it.
         from bn_repro import fashion_mnist_data
 
         fashion_mnist_data.prepare_fashion_mnist(load_config(unique[0].config, unique[0].overrides).data.data_dir)
-        start = time.perf_counter()
         keep = lambda run: copy_run_files(run.workdir, record_path(run, args.workdir, args.results))  # noqa: E731
         failed = sweep.run_all(unique, evaluation_steps, args.jobs, args.progress_every, on_finished=keep)
-        wall_time = time.perf_counter() - start
         if failed:
             print(f"{len(failed)} runs failed (their logs: <workdir>.log); run the same command again to resume them.",
                   file=sys.stderr)
     keep_records(unique, args.workdir, args.results)
-    complete = report(planned, runs, args.workdir, args.results, command, wall_time)
+    complete = report(planned, runs, args.workdir, args.results, command)
     missing = [g for g in args.groups if g not in complete]
     print(f"Wrote {args.results}: {', '.join(complete) or 'nothing yet'}"
           + (f"; not finished: {', '.join(missing)}" if missing else ""))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bn_repro.batchnorm import BATCH_MOMENTS, BatchNorm, population_statistics
+from bn_repro.batchnorm import BATCH_MOMENTS, BatchNorm, batch_normalize, population_statistics
 
 EPS = 1e-3
 MOMENTUM = 0.9
@@ -98,6 +98,45 @@ def test_gradients_match_the_papers_backprop_formulas(case):
     _, cache = reference_forward(x, gamma, beta, EPS)
     for got, want in zip(grads, reference_backward(dy, gamma, EPS, cache)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-9, atol=1e-10)
+
+
+def test_virtual_batch_gradients_are_each_groups_backprop_formulas():
+    x, gamma, beta, dy = make_inputs((12, 3, 2, 4), seed=2)
+    bn = BatchNorm(epsilon=EPS, virtual_batch_size=4)
+
+    def loss(x, gamma, beta):
+        y = bn.apply(module_variables(gamma, beta, x.shape[-1]), x, use_running_average=False)
+        return jnp.sum(y * dy)
+
+    dx, dgamma, dbeta = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta))
+    want = [reference_backward(dy[g : g + 4], gamma, EPS, reference_forward(x[g : g + 4], gamma, beta, EPS)[1])
+            for g in range(0, 12, 4)]
+    np.testing.assert_allclose(np.asarray(dx), np.concatenate([w[0] for w in want]), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(dgamma), sum(w[1] for w in want), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(dbeta), sum(w[2] for w in want), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("use_fast_variance", [False, True])
+def test_gradients_through_the_returned_moments_match_autodiff(use_fast_variance):
+    """Only y reaches a training loss; a loss of the moments too gets their gradients as well."""
+    x, gamma, beta, dy = make_inputs((6, 5, 3), seed=3)
+    a, b = np.random.RandomState(4).normal(size=(2, 3))
+
+    def written_out(x, gamma, beta):  # the same function, differentiated by JAX
+        mean = jnp.mean(x, axis=(0, 1))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1))
+        y = (x - mean) / jnp.sqrt(var + EPS) * gamma + beta
+        return y, mean, var
+
+    def loss(f):
+        def value(x, gamma, beta):
+            y, mean, var = f(x, gamma, beta)
+            return jnp.sum(y * dy) + jnp.sum(mean * a) + jnp.sum(var * b)
+        return jax.grad(value, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta))
+
+    ours = loss(lambda x, g, b: batch_normalize(x, g, b, (0, 1), EPS, use_fast_variance, None, x.dtype))
+    for got, want in zip(ours, loss(written_out)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", sorted(SHAPES))

@@ -409,10 +409,14 @@ def test_config_variant_model_computes_what_the_config_says(variant, overrides):
     assert len(c["units"]) == expected_units(model)
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("size, window, stride", [(7, 3, 1), (8, 3, 2), (7, 3, 2), (11, 5, 3)])
-def test_max_pool_matches_reduce_window_values_and_gradients(size, window, stride):
+def test_max_pool_matches_reduce_window_values_and_gradients(size, window, stride, ties):
     rng = np.random.default_rng(size)
-    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)  # no ties
+    x = rng.normal(size=(2, size, size, 3)).astype(np.float32)
+    if ties:  # as after a ReLU: most windows hold several equal maxima (zeros), some only zeros
+        x = np.maximum(x, 0.0) * (rng.uniform(size=x.shape) < 0.3)
+        x[0, : min(size, window + 1), : min(size, window + 1)] = 1.5
     out = -(-size // stride)
     g = rng.normal(size=(2, out, out, 3)).astype(np.float32)
     reference = lambda x: nn.max_pool(x, (window, window), (stride, stride), padding="SAME")  # noqa: E731
