@@ -35,7 +35,8 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", KERNEL_INIT, (1, 1, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        # As a 2-D product: with the 4-D operand, XLA:CPU transposes the output gradient for the kernel's gradient.
+        y = (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(x.shape[:-1] + (self.features,))
         return y if bias is None else y + bias
 
 
