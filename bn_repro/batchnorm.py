@@ -38,17 +38,27 @@ def batch_moments(
     share: the moments are averaged over that axis.
     """
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-    def mean_over_batch(y):
-        m = jnp.mean(y, axis=axes)
-        return m if axis_name is None else jax.lax.pmean(m, axis_name)
-
-    mean = mean_over_batch(x)
+    mean = _mean_over_batch(x, axes, axis_name)
     if use_fast_variance:
-        var = jnp.maximum(mean_over_batch(jnp.square(x)) - jnp.square(mean), 0.0)
+        var = jnp.maximum(_mean_over_batch(jnp.square(x), axes, axis_name) - jnp.square(mean), 0.0)
     else:
-        var = mean_over_batch(jnp.square(x - jnp.expand_dims(mean, axes)))
+        var = _mean_over_batch(jnp.square(x - jnp.expand_dims(mean, axes)), axes, axis_name)
     return mean, var
+
+
+def _mean_over_batch(v: jax.Array, axes: tuple[int, ...], axis_name: str | None) -> jax.Array:
+    """The mean over ``axes``, and over every device's share with ``axis_name`` (inside ``pmap``)."""
+    m = jnp.mean(v, axis=axes)
+    return m if axis_name is None else jax.lax.pmean(m, axis_name)
+
+
+def normalize(x: jax.Array, mean: jax.Array, var: jax.Array, gamma: jax.Array, beta: jax.Array, epsilon: float,
+              dtype: Any) -> jax.Array:
+    """gamma * (x - mu) / sqrt(var + eps) + beta in ``dtype``, with the scale folded in; ``mean`` and ``var``
+    broadcast against ``x``."""
+    scale = gamma * jax.lax.rsqrt(var + epsilon)
+    y = (x.astype(scale.dtype) - mean) * scale + beta
+    return y.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
@@ -78,20 +88,16 @@ def batch_normalize(
 
 def _batch_normalize_forward(x, gamma, beta, axes, epsilon, use_fast_variance, axis_name, dtype):
     mean, var = batch_moments(x, axes, use_fast_variance, axis_name)
-    inv_std = jax.lax.rsqrt(jnp.expand_dims(var, axes) + epsilon)
-    scale = gamma * inv_std
-    y = (x.astype(scale.dtype) - jnp.expand_dims(mean, axes)) * scale + beta
-    return (y.astype(dtype), mean, var), (x, mean, inv_std, gamma)
+    y = normalize(x, jnp.expand_dims(mean, axes), jnp.expand_dims(var, axes), gamma, beta, epsilon, dtype)
+    return (y, mean, var), (x, mean, var, gamma)
 
 
 def _batch_normalize_backward(axes, epsilon, use_fast_variance, axis_name, dtype, residuals, cotangents):
-    x, mean, inv_std, gamma = residuals
+    x, mean, var, gamma = residuals
     dy, dmean, dvar = cotangents
+    mean_over_batch = lambda v: jnp.expand_dims(_mean_over_batch(v, axes, axis_name), axes)  # noqa: E731
 
-    def mean_over_batch(v):
-        m = jnp.mean(v, axis=axes, keepdims=True)
-        return m if axis_name is None else jax.lax.pmean(m, axis_name)
-
+    inv_std = jax.lax.rsqrt(jnp.expand_dims(var, axes) + epsilon)
     dy = dy.astype(inv_std.dtype)
     centered = x.astype(inv_std.dtype) - jnp.expand_dims(mean, axes)
     x_hat = centered * inv_std
@@ -162,7 +168,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), stat_dtype)
 
         if use_running_average:
-            return self._normalize(x, ra_mean.value, ra_var.value, gamma, beta)
+            return normalize(x, ra_mean.value, ra_var.value, gamma, beta, self.epsilon, self.dtype or x.dtype)
         if self.virtual_batch_size:
             v = self.virtual_batch_size
             if x.shape[0] % v:
@@ -190,12 +196,6 @@ class BatchNorm(nn.Module):
             ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
             ra_var.value = m * ra_var.value + (1.0 - m) * var
         return y
-
-    def _normalize(self, x: jax.Array, mean: jax.Array, var: jax.Array, gamma: jax.Array, beta: jax.Array) -> jax.Array:
-        # gamma * (x - mu) / sqrt(var + eps) + beta, with the scale folded in.
-        scale = gamma * jax.lax.rsqrt(var + self.epsilon)
-        y = (x.astype(scale.dtype) - mean) * scale + beta
-        return y.astype(self.dtype or x.dtype)
 
 
 # What the models take as their normalisation layer: ``BatchNorm`` itself, or
