@@ -323,6 +323,11 @@ def version(package: str) -> str:
         return "not installed"
 
 
+def xla_flags_line() -> str:
+    """A Markdown list item with this process's XLA_FLAGS (``import bn_repro`` adds its CPU option to them)."""
+    return f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`"
+
+
 def markdown(rows: list[dict], command: str, wall_s: float) -> str:
     from bn_repro.run_records import cpu_model
 
@@ -395,11 +400,8 @@ def main(argv: list[str]) -> int:
         settings += [n] if n not in settings else []
     start = time.perf_counter()
     rows = [row for n in settings for row in run_child(n, args)]
-    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])
-    text = markdown(rows, command, time.perf_counter() - start)
-    print(text)
-    if args.output:
-        write_outputs(args.output, text, {"command": command, "rows": rows})
+    command = command_line(__file__, argv)
+    publish(markdown(rows, command, time.perf_counter() - start), args.output, {"command": command, "rows": rows})
     return 0
 
 
@@ -410,6 +412,18 @@ def write_outputs(path: str, text: str, record: dict) -> None:
         f.write(text)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(record, f, indent=1)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """How ``script`` was run, from the repository root, for a table's header."""
+    return shlex.join(["python", os.path.relpath(os.path.abspath(script)), *argv])
+
+
+def publish(text: str, output: str | None, record: dict) -> None:
+    """Prints ``text``; with ``output``, also writes it there and ``record`` beside it (:func:`write_outputs`)."""
+    print(text)
+    if output:
+        write_outputs(output, text, record)
 
 
 if __name__ == "__main__":

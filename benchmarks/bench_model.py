@@ -67,6 +67,7 @@ from bench_mnist import (  # This script's directory is on sys.path.
     torch_compiled,
     version,
     write_outputs,
+    xla_flags_line,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,6 +237,13 @@ def measure_layouts(make_run: Callable[[bool], Callable[[int], float]], args: ar
     return {"layout": best, **layouts[best], "other_layouts": {k: v for k, v in layouts.items() if k != best}}
 
 
+def xla_cpu_threads() -> str:
+    """How many threads XLA:CPU computes with: its default pool over the cores this process may use, or one."""
+    if "--xla_cpu_multi_thread_eigen=false" in os.environ.get("XLA_FLAGS", ""):
+        return "1 (single-threaded XLA)"
+    return f"XLA default ({len(os.sched_getaffinity(0))} cores)"
+
+
 def bench(precision: str, args: argparse.Namespace) -> list[dict]:
     import jax
     from bn_repro import train
@@ -252,7 +260,7 @@ def bench(precision: str, args: argparse.Namespace) -> list[dict]:
     common = {"precision": precision, "batch_size": batch, "image_size": size, "flops_per_step": flops,
               "matmul_gflops_jax": matmul_jax, "matmul_size": args.matmul_size}
     ours = {**common, "device": f"{device.platform}: {device.device_kind}",
-            "threads": "XLA default (all cores)" if device.platform == "cpu" else "-", "layout": "NHWC"}
+            "threads": xla_cpu_threads() if device.platform == "cpu" else "-", "layout": "NHWC"}
     rows = [{**ours, "implementation": "ours (JAX/XLA jit)", "compile_s": compile_s, "first_loss": first,
              "steps_per_s_each": rates, "bytes_accessed": cost.get("bytes accessed"),
              "loadavg_1min": os.getloadavg()[0]}]
@@ -310,7 +318,8 @@ def markdown(rows: list[dict], command: str, wall_s: float, args: argparse.Names
         f"JAX device {device.platform} ({device.device_kind}), {platform.platform()}",
         f"- versions: python {platform.python_version()}, jax {version('jax')}, jaxlib {version('jaxlib')}, "
         f"flax {version('flax')}, torch {version('torch')}",
-        f"- threads: JAX/XLA its default pool (all cores); torch `set_num_threads({os.cpu_count()})`; "
+        xla_flags_line(),
+        f"- threads: JAX/XLA {xla_cpu_threads()}; torch `set_num_threads({os.cpu_count()})`; "
         "one implementation at a time",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total run time {wall_s:.0f} s; "
         f"1-min load average at the start {args.load_start:.1f}, at the end {os.getloadavg()[0]:.1f} "

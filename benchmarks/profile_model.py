@@ -18,9 +18,15 @@ instruction computes (inside a fusion, its fused instructions):
 
 Time is thread time: the durations of every traced event on every XLA thread,
 summed (two threads busy for 1 ms count 2 ms), divided by the steps traced.
+XLA's own convolutions (``bn_repro`` turns YNNPACK's off: README, "Speed")
+run asynchronously on XLA's Eigen thread pool and their trace events end
+when they are launched, so the trace leaves almost all of their time out:
+time them with ``bench_conv_layers.py``. YNNPACK's (``XLA_FLAGS=
+--xla_cpu_experimental_ynn_fusion_type=+individual_convolution``) are traced.
 
     python benchmarks/profile_model.py --output results/bench/bn_inception_profile_cpu.md
-    python benchmarks/profile_model.py --nn_conv --output results/bench/bn_inception_profile_cpu_before.md
+    # "before": every convolution an nn.Conv, and YNNPACK's convolutions (XLA:CPU's default)
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+individual_convolution python benchmarks/profile_model.py --nn_conv --output results/bench/bn_inception_profile_cpu_before.md
     python benchmarks/profile_model.py --image_size 32 --set=--config.model.width=0.125
 """
 
@@ -32,14 +38,13 @@ import glob
 import os
 import platform
 import re
-import shlex
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from bench_mnist import version, write_outputs  # This script's directory is on sys.path.
+from bench_mnist import command_line, publish, version, xla_flags_line  # This script's directory is on sys.path.
 from bench_model import add_network_flags, network_config_and_batch, nn_conv_everywhere, setup_ours
 
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<shape>.+?) (?P<opcode>[a-z][\w\-]*)\((?P<rest>.*)$")
@@ -184,6 +189,7 @@ def markdown(record: dict, command: str) -> str:
         + (", nn.Conv everywhere (before)" if record["nn_conv_everywhere"] else ""), "",
         f"- machine: {cpu_model()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} available), "
         f"{platform.platform()}; jax {version('jax')}, jaxlib {version('jaxlib')}",
+        xla_flags_line(),
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; 1-min load average at the end "
         f"{os.getloadavg()[0]:.1f}",
         f"- command: `{command}`",
@@ -209,11 +215,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     args.warmup = max(1, args.warmup)
     record = profile(args)
-    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])
-    text = markdown(record, command)
-    print(text)
-    if args.output:
-        write_outputs(args.output, text, {"command": command, **record})
+    command = command_line(__file__, argv)
+    publish(markdown(record, command), args.output, {"command": command, **record})
     return 0
 
 

@@ -124,12 +124,25 @@ def check_same_config(config_path: str, config: ml_collections.ConfigDict) -> No
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else the machine type."""
+    """The CPU's model name and widest vector instructions (from /proc/cpuinfo on Linux; a virtual
+    machine's model name, e.g. "AMD EPYC", can hide which CPU it is), else the machine type."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return f"{name} ({vector_instructions(flags)})" if flags else name
+
+
+def vector_instructions(flags: set[str]) -> str:
+    """The widest x86 vector extensions among /proc/cpuinfo ``flags``, e.g. 'AVX-512, AVX512-BF16' or
+    'AVX2, no AVX-512' (what bounds a CPU's float32 and bfloat16 matmul rates)."""
+    if "avx512f" not in flags:
+        return "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    extras = [label for flag, label in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")) if flag in flags]
+    return ", ".join(["AVX-512", *extras])
 
 
 def git_state() -> tuple[str | None, bool | None]:
@@ -176,6 +189,7 @@ def environment_info(command: str) -> dict:
         "optax": optax.__version__,
         "git_commit": commit,
         "git_dirty": dirty,
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "command": command,
     }
 

@@ -166,6 +166,7 @@ def test_the_run_records_its_environment(runs, monkeypatch):
     with open(os.path.join(runs["a"], "summary.json")) as f:
         env = json.load(f)["environment"]
     assert env["local_device_count"] == jax.local_device_count()
+    assert env["xla_flags"] == os.environ["XLA_FLAGS"]  # with what `import bn_repro` added
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout
         assert env["git_commit"] == head.stdout.strip() and isinstance(env["git_dirty"], bool)
@@ -176,3 +177,15 @@ def test_the_run_records_its_environment(runs, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_git)
     assert run_records.git_state() == (None, None)
     assert run_records.environment_info("cmd")["git_commit"] is None
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"fma", "avx2"}, "AVX2, no AVX-512"),
+    ({"avx2", "avx512f", "avx512_bf16", "amx_tile"}, "AVX-512, AVX512-BF16, AMX"),
+    ({"avx2", "avx512f"}, "AVX-512"),
+    ({"sse4_2"}, "no AVX2"),
+])
+def test_the_run_record_names_the_cpus_vector_instructions(flags, expected):
+    """A virtual machine's CPU name ("AMD EPYC") does not say whether it has AVX-512, which sets the matmul rates
+    that benchmarks on two such machines are compared by."""
+    assert run_records.vector_instructions(flags) == expected

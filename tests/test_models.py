@@ -493,28 +493,3 @@ def test_cpu_formulations_compute_the_same_with_the_same_parameters(kwargs, monk
                    for o, e in zip(out, exact))
 
     assert error(cpu_out) <= 2 * error(conv_out) + 1e-6, (error(cpu_out), error(conv_out))
-
-
-@pytest.mark.parametrize("k, use_bias", [(3, False), (5, True)])
-def test_large_map_conv_is_nn_conv_with_the_same_parameters_values_and_gradients(k, use_bias):
-    """``LargeMapConv`` (its kernel gradient from im2col patches) against ``nn.Conv``: the same parameters from the
-    same key, and the same output, input gradient and parameter gradients to float32 tolerance."""
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 11, 6))
-    g = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 11, 4))
-    ours = layers.LargeMapConv(4, (k, k), use_bias=use_bias)
-    reference = nn.Conv(4, (k, k), use_bias=use_bias, kernel_init=layers.KERNEL_INIT)
-    params = [m.init(KEY, x) for m in (ours, reference)]
-    assert jax.tree.structure(params[0]) == jax.tree.structure(params[1])
-    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
-        np.testing.assert_array_equal(a, b)
-    params = jax.tree.map(lambda p: p + 0.1, params[1])  # a nonzero bias too
-
-    @jax.jit
-    def values_and_gradients(params, x):
-        return [(m.apply(params, x), jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * g), argnums=(0, 1))(params, x))
-                for m in (ours, reference)]
-
-    (y, grads), (ref_y, ref_grads) = values_and_gradients(params, x)
-    np.testing.assert_array_equal(y, ref_y)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

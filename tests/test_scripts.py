@@ -244,3 +244,59 @@ def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
     assert header[:3] == ["implementation", "precision", "device"] and len(header) == 14
     assert header[-3:] == ["ours/this", "first-step loss", "compile s"]
     assert [row[0] for row in body] == [r["implementation"] for r in rows]
+
+# --- benchmarks/bench_conv_layers.py ----------------------------------------------------
+
+def test_bench_conv_layers_times_every_convolution_of_the_network_once_per_shape(tmp_path, monkeypatch):
+    """The :small BN-Inception at 32x32, batch 2: every 4-D kernel of the model is one layer of a row (the counts
+    add up), the first layer reads the image and its input gradient is left out of the totals, which are the
+    count-weighted sums of the rows."""
+    pytest.importorskip("torch")
+    bench = load_script("benchmarks/bench_conv_layers.py", monkeypatch)
+    output = tmp_path / "layers.md"
+    argv = ["--config", os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30:small", "--batch_size", "2",
+            "--image_size", "32", "--repeats", "1", "--output", str(output)]
+    assert bench.main(argv) == 0
+    record = json.loads((tmp_path / "layers.json").read_text())
+    rows = record["layers"]
+    config = load_config(os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30:small",
+                         ["--config.batch_size=2", "--config.data.image_size=32"])
+    model = train.create_setup(config).model
+    import jax
+
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32),
+                                               train=False))["params"]
+    kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.ndim == 4]
+    assert sum(r["count"] for r in rows) == len(kernels)
+    assert [r["reads_image"] for r in rows] == [True] + [False] * (len(rows) - 1)
+    assert rows[0]["name"] == "conv1/depthwise" and rows[0]["input_shape"] == [2, 32, 32, 3]
+    assert {r["kind"] for r in rows if r["kernel_shape"][:2] == [1, 1]} == {"PointwiseConv"}  # on CPU
+    for who in ("ours", "torch"):
+        totals = record["totals_ms"][who]
+        assert totals["input gradient"] == pytest.approx(sum(r["count"] * r[f"{who}_ms"]["input gradient"]
+                                                             for r in rows[1:]))
+        assert totals["forward"] == pytest.approx(sum(r["count"] * r[f"{who}_ms"]["forward"] for r in rows))
+        assert all(ms > 0 for r in rows for ms in r[f"{who}_ms"].values())
+    header, body = table(output.read_text().split("Totals over")[0])
+    assert len(body) == len(rows) and body[0][header.index("ours fwd / dx / dW ms")].count("[") == 1
+
+
+# --- benchmarks/profile_model.py --------------------------------------------------------
+
+def test_profile_model_puts_the_traced_step_into_operation_kinds(tmp_path, monkeypatch):
+    """The :small BN-Inception at 32x32, batch 2, two traced steps: convolutions by kernel size both ways, BN,
+    pooling, the optimizer, each a share of the step's thread time, with little time left unnamed."""
+    bench = load_script("benchmarks/profile_model.py", monkeypatch)
+    output = tmp_path / "profile.md"
+    argv = ["--config", os.path.join(REPO, "configs", "imagenet.py") + ":bn_x30:small", "--batch_size", "2",
+            "--image_size", "32", "--warmup", "1", "--steps", "2", "--output", str(output)]
+    assert bench.main(argv) == 0
+    record = json.loads((tmp_path / "profile.json").read_text())
+    kinds = record["thread_s_per_step"]
+    for kind in ("conv 3x3, forward", "conv 3x3, backward", "BN (statistics, normalisation, their gradients)",
+                 "pooling", "optimizer and the rest (outside the network)"):
+        assert kinds.get(kind, 0) > 0, (kind, kinds)
+    assert any(k.startswith("conv 1x1 as a matmul") for k in kinds)  # PointwiseConv on CPU
+    assert record["untraced_names_s_per_step"] < 0.2 * sum(kinds.values())
+    header, body = table(output.read_text())
+    assert header == ["operation kind", "thread ms/step", "share"] and len(body) == len(kinds)

@@ -66,65 +66,10 @@ class DepthwiseConv(nn.Module):
         ], axis=-1)
 
 
-# The smallest feature map (height x width) whose kernel gradient is computed
-# from im2col patches on CPU: faster at 56x56 (the stem's 3x3 conv at 224x224),
-# slower at 28x28 and below (measured: README, "Speed").
-IM2COL_KERNEL_GRADIENT_MIN_AREA = 56 * 56
-
-
-def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def conv_im2col_kernel_gradient(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A stride-1 'SAME' convolution (odd square kernel) whose kernel gradient is one matrix product of
-    im2col patches and the output gradient, instead of XLA's convolution for it; value and input gradient
-    are lax's."""
-    return _conv(x, kernel)
-
-
-def _conv_forward(x, kernel):
-    return _conv(x, kernel), (x, kernel)
-
-
-def _conv_backward(residuals, g):
-    x, kernel = residuals
-    (dx,) = jax.linear_transpose(lambda x: _conv(x, kernel), x)(g)  # the input gradient, without a forward pass
-    k, _, channels, features = kernel.shape
-    height, width = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-    patches = jnp.concatenate([padded[:, i : i + height, j : j + width] for i in range(k) for j in range(k)], -1)
-    dkernel = jax.lax.dot_general(patches.reshape(-1, k * k * channels), g.reshape(-1, features),
-                                  (((0,), (0,)), ((), ())))
-    return dx, dkernel.reshape(k, k, channels, features).astype(kernel.dtype)
-
-
-conv_im2col_kernel_gradient.defvjp(_conv_forward, _conv_backward)
-
-
-class LargeMapConv(nn.Module):
-    """A stride-1 kxk convolution ('SAME') on a large feature map, its kernel gradient from im2col patches
-    (:func:`conv_im2col_kernel_gradient`). The same function and parameters as ``nn.Conv(features, (k, k))``."""
-
-    features: int
-    kernel: tuple[int, int]
-    use_bias: bool
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", KERNEL_INIT, (*self.kernel, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv_im2col_kernel_gradient(x, kernel)
-        return y if bias is None else y + bias
-
-
 def cpu_formulations() -> bool:
-    """Whether ConvUnits use :class:`PointwiseConv`, :class:`DepthwiseConv` and
-    :class:`LargeMapConv` (faster on XLA's CPU backend: README, "Speed") rather
-    than ``nn.Conv``: on CPU; elsewhere ``nn.Conv``, which accelerator libraries tune."""
+    """Whether ConvUnits use :class:`PointwiseConv` and :class:`DepthwiseConv`
+    (faster on XLA's CPU backend: README, "Speed") rather than ``nn.Conv``: on
+    CPU; elsewhere ``nn.Conv``, which accelerator libraries tune."""
     return jax.default_backend() == "cpu"
 
 
@@ -146,11 +91,9 @@ class ConvUnit(nn.Module):
         no BN, and the convolution has a bias.
       act: the nonlinearity.
       dtype: computation dtype (parameters and BN statistics stay float32).
-      cpu_formulations: 1x1 stride-1 convolutions as :class:`PointwiseConv`,
-        the depthwise one as :class:`DepthwiseConv`, stride-1 ones on maps of
-        at least ``IM2COL_KERNEL_GRADIENT_MIN_AREA`` as :class:`LargeMapConv`
-        (the same functions and parameters); None: as :func:`cpu_formulations`
-        decides for the backend.
+      cpu_formulations: 1x1 stride-1 convolutions as :class:`PointwiseConv`
+        and the depthwise one as :class:`DepthwiseConv` (the same functions and
+        parameters); None: as :func:`cpu_formulations` decides for the backend.
     """
 
     features: int
@@ -176,11 +119,8 @@ class ConvUnit(nn.Module):
                     use_bias=False, kernel_init=KERNEL_INIT, dtype=self.dtype, name="depthwise",
                 )(x)
             kernel, stride = (1, 1), (1, 1)
-        large_map = x.shape[1] * x.shape[2] >= IM2COL_KERNEL_GRADIENT_MIN_AREA and kernel[0] % 2 == 1
         if kernel == (1, 1) and stride == (1, 1) and on_cpu:
             x = PointwiseConv(self.features, use_bias=self.norm is None, dtype=self.dtype, name="conv")(x)
-        elif stride == (1, 1) and large_map and on_cpu:
-            x = LargeMapConv(self.features, kernel, use_bias=self.norm is None, dtype=self.dtype, name="conv")(x)
         else:
             x = nn.Conv(
                 self.features, kernel, stride, use_bias=self.norm is None, kernel_init=KERNEL_INIT,
