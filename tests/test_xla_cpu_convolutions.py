@@ -45,13 +45,20 @@ print(text.count("convolution("), text.count("__ynn_fusion"))
 """
 
 
+def fresh_process_env(*user_flags: str) -> dict[str, str]:
+    """The tests' subprocess environment without the option this process's ``import bn_repro`` added, and without
+    the persistent compilation cache (a program read back from it prints otherwise than a fresh compile)."""
+    env = {k: v for k, v in subprocess_env(*user_flags).items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(bn_repro.XLA_CPU_CONVOLUTIONS, "")
+    return env
+
+
 @pytest.mark.skipif(not importlib.metadata.version("jaxlib").startswith("0.10."), reason="measured on jaxlib 0.10")
 @pytest.mark.parametrize("user_flags, ynn", [((), False), ((f"{OPTION}=+individual_convolution",), True)])
 def test_convolutions_are_compiled_by_xla_unless_the_user_says_otherwise(user_flags, ynn):
     """In a fresh process (XLA reads its flags once): the forward convolution and both gradients are XLA's own
     after ``import bn_repro``, and YNNPACK fusions where the user asked for YNNPACK's convolutions."""
-    env = subprocess_env(*user_flags)
-    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(bn_repro.XLA_CPU_CONVOLUTIONS, "")  # set here by this process's import
+    env = fresh_process_env(*user_flags)
     assert OPTION not in env["XLA_FLAGS"] or user_flags
     out = subprocess.run([sys.executable, "-c", CONVOLUTION_GRADIENT], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True).stdout.split()
@@ -78,8 +85,6 @@ def test_the_option_leaves_the_mnist_mlps_compiled_step_unchanged():
     (the user's choice) and without (the package's), so its benchmark (results/bench/mnist_cpu.md) stands."""
     texts = []
     for user_flags in ((), (f"{OPTION}=+individual_convolution",)):
-        env = subprocess_env(*user_flags)
-        env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(bn_repro.XLA_CPU_CONVOLUTIONS, "")
-        texts.append(subprocess.run([sys.executable, "-c", MNIST_STEP], cwd=REPO, env=env, capture_output=True,
-                                    text=True, check=True).stdout.strip())
+        texts.append(subprocess.run([sys.executable, "-c", MNIST_STEP], cwd=REPO, env=fresh_process_env(*user_flags),
+                                    capture_output=True, text=True, check=True).stdout.strip())
     assert len(texts[0]) == 64 and texts[0] == texts[1]
