@@ -7,6 +7,8 @@ runs for the option to apply.
 
 import importlib.metadata
 import os
+import sys
+import warnings
 from collections.abc import MutableMapping
 
 __version__ = "0.1.0"
@@ -37,7 +39,21 @@ def prefer_xla_cpu_convolutions(environ: MutableMapping[str, str] = os.environ, 
     if not jaxlib_version.startswith("0.10."):
         return False
     environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_CONVOLUTIONS}".strip()
+    if environ is os.environ and _jax_backends_started():
+        warnings.warn(f"bn_repro was imported after JAX started its backends, so {XLA_CPU_CONVOLUTIONS} does not "
+                      "apply to this process: import bn_repro before running any JAX computation (README, 'Speed')",
+                      stacklevel=2)
     return True
+
+
+def _jax_backends_started() -> bool:
+    if "jax" not in sys.modules:  # JAX not imported yet: nothing started
+        return False
+    try:
+        from jax._src import xla_bridge
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a JAX without this private helper: no warning
+        return False
 
 
 prefer_xla_cpu_convolutions()

@@ -88,3 +88,13 @@ def test_the_option_leaves_the_mnist_mlps_compiled_step_unchanged():
         texts.append(subprocess.run([sys.executable, "-c", MNIST_STEP], cwd=REPO, env=fresh_process_env(*user_flags),
                                     capture_output=True, text=True, check=True).stdout.strip())
     assert len(texts[0]) == 64 and texts[0] == texts[1]
+
+
+@pytest.mark.skipif(not importlib.metadata.version("jaxlib").startswith("0.10."), reason="measured on jaxlib 0.10")
+@pytest.mark.parametrize("first, warned", [("import jax; jax.devices()", True), ("import jax", False)])
+def test_importing_bn_repro_after_jax_started_warns(first, warned):
+    """Once a backend has started, XLA has read its flags: the option cannot apply, and the import says so."""
+    code = f"{first}\nimport warnings\nwarnings.simplefilter('always')\nimport bn_repro"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=fresh_process_env(), capture_output=True,
+                            text=True, check=True)
+    assert ("imported after JAX started its backends" in result.stderr) == warned, result.stderr
