@@ -13,7 +13,7 @@ For each ``--precision`` one run measures, on the first JAX device and (with
   learning rate, and torch's ``weight_decay`` = weight_decay / l2_reduction on
   conv and linear weights only (the same L2 on kernels as ours; optax adds it
   to the gradient before momentum, as torch does). bfloat16 = ``torch.autocast``.
-  Run in both memory layouts (contiguous NCHW, channels_last); the faster one
+  Run in both memory layouts (contiguous NCHW, channels_last; ``--torch_layouts``); the faster one
   is reported, both are in the JSON.
 * torch compiled (``--torch_compile``, default the inductor backend in its
   default mode; ``--no-torch_compile`` skips it): the same peer, weights, batch,
@@ -28,6 +28,10 @@ For each ``--precision`` one run measures, on the first JAX device and (with
   for eager, each compiled afresh. A failure to compile (no C++ compiler, an inductor error) is
   recorded in its row (``error``) and listed under the table.
 * ours/this: ours' steps/s over the row's, measured in the same run.
+* ``--loops jit,pmap``: ours again in each of these training loops
+  (``config.parallel``, its state laid out by ``Layout.place_state``), fed the
+  numpy batch every step as training feeds it, so that the transfer to the
+  device counts; its compile s is its first call.
 * on CPU (``--nn_conv_row``), also ours with every convolution an ``nn.Conv``:
   the formulation before ``layers.PointwiseConv``/``DepthwiseConv``.
 * FLOPs per step: XLA's cost analysis of our compiled step (used for both
@@ -137,14 +141,15 @@ def add_network_flags(parser: argparse.ArgumentParser) -> None:
                              "--set=--config.model.separable_stem=False.")
 
 
-def network_config_and_batch(args: argparse.Namespace, precision: str) -> tuple[Any, dict, list[str]]:
-    """(the config the flags of :func:`add_network_flags` pick, computing in ``precision``;
-    one random batch of it as numpy; the overrides applied)."""
+def network_config_and_batch(args: argparse.Namespace, precision: str,
+                             extra: tuple[str, ...] = ()) -> tuple[Any, dict, list[str]]:
+    """(the config the flags of :func:`add_network_flags` pick, computing in ``precision``, with the
+    ``extra`` overrides last; one random batch of it as numpy; the overrides applied)."""
     from bn_repro import main as bn_main
 
     overrides = [f"--config.batch_size={args.batch_size}", f"--config.model.dtype={precision}"]
     overrides += [f"--config.data.image_size={args.image_size}"] if args.image_size else []
-    overrides += args.set
+    overrides += [*args.set, *extra]
     config = bn_main.load_config(args.config, overrides)
     size, batch, channels = config.data.image_size, config.batch_size, config.data.channels
     data = np.random.default_rng(0)
@@ -153,8 +158,14 @@ def network_config_and_batch(args: argparse.Namespace, precision: str) -> tuple[
     return config, batch_np, overrides
 
 
-def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], float, dict, Any]:
-    """(Flax initial variables as numpy, run(n) -> last loss, compile s, XLA cost analysis, the compiled step)."""
+def setup_ours(config, batch_np: dict, host_fed: bool = False) -> tuple[dict, Callable[[int], float], float, dict, Any]:
+    """(Flax initial variables as numpy, run(n) -> last loss, compile s, XLA cost analysis, the step).
+
+    The loop is ``config.parallel``'s, its state laid out as training lays it out. By default
+    the batch stays on the device and the step is compiled ahead of time; ``host_fed`` hands the
+    step the numpy batch every call, as the training loop does (the ``pmap`` loop is always
+    host-fed: it splits the batch on the host), and it compiles at a first call on a copy of the
+    state, which counts as the compile s, and no cost analysis is returned."""
     import jax
     from bn_repro import train
 
@@ -165,15 +176,23 @@ def setup_ours(config, batch_np: dict) -> tuple[dict, Callable[[int], float], fl
         compiled_init=True,
     )
     variables = jax.tree.map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
-    batch = jax.device_put({"image": batch_np["image"], "label": batch_np["label"]})
+    state = setup.layout.place_state(state)
     rng = jax.random.PRNGKey(1)
     step = train.make_streamed_step(setup.layout)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     holder = {"state": state}
+    start = time.perf_counter()
+    if host_fed or setup.layout.pmap:
+        batch = {"image": batch_np["image"], "label": batch_np["label"]}
+        copy = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+        _, loss = step(copy, batch, rng)  # on a copy: the state is donated
+        float(loss)
+        compiled, cost = step, {}
+    else:
+        batch = jax.device_put({"image": batch_np["image"], "label": batch_np["label"]})
+        compiled = step.lower(state, batch, rng).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    compile_s = time.perf_counter() - start
 
     def run(n: int) -> float:
         for _ in range(n):
@@ -229,7 +248,7 @@ def measure_layouts(make_run: Callable[[bool], Callable[[int], float]], args: ar
     """A PyTorch peer's fields in the faster memory layout (``make_run(channels_last)`` builds it),
     the other layout's under ``other_layouts``."""
     layouts = {}
-    for channels_last in (False, True):
+    for channels_last in [layout == "channels_last" for layout in args.torch_layouts]:
         first, first_s, rates = measure(make_run(channels_last), args)
         layouts["channels_last" if channels_last else "contiguous"] = {
             "first_loss": first, "first_step_s": first_s, "steps_per_s_each": rates}
@@ -264,6 +283,12 @@ def bench(precision: str, args: argparse.Namespace) -> list[dict]:
     rows = [{**ours, "implementation": "ours (JAX/XLA jit)", "compile_s": compile_s, "first_loss": first,
              "steps_per_s_each": rates, "bytes_accessed": cost.get("bytes accessed"),
              "loadavg_1min": os.getloadavg()[0]}]
+    for loop in args.loops:
+        loop_config, _, _ = network_config_and_batch(args, precision, [f"--config.parallel={loop}"])
+        _, run_loop, compile_loop, _, _ = setup_ours(loop_config, batch_np, host_fed=True)
+        first_loop, _, rates_loop = measure(run_loop, args)
+        rows.append({**ours, "implementation": f"ours, {loop} loop, host-fed batch", "compile_s": compile_loop,
+                     "first_loss": first_loop, "steps_per_s_each": rates_loop, "loadavg_1min": os.getloadavg()[0]})
     from bn_repro.models import layers
 
     if args.nn_conv_row and layers.cpu_formulations():
@@ -378,8 +403,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--matmul_size", type=int, default=None, help="Peak matmul size (default 2048 CPU, 8192 else).")
     parser.add_argument("--nn_conv_row", action=argparse.BooleanOptionalAction, default=True,
                         help="On CPU, also time our step with nn.Conv everywhere (the formulation before).")
+    parser.add_argument("--torch_layouts", type=lambda v: [x for x in v.split(",") if x],
+                        default=["contiguous", "channels_last"], metavar="contiguous,channels_last",
+                        help="The PyTorch peers' memory layouts to time (the faster one is reported).")
+    parser.add_argument("--loops", type=lambda v: [x for x in v.split(",") if x], default=[],
+                        metavar="jit,pmap", help="Also time our step in these training loops (config.parallel), "
+                        "each fed the numpy batch every step as in training.")
     parser.add_argument("--output", help="Also write the Markdown here, and the JSON rows beside it (.json).")
     args = parser.parse_args(argv)
+    if not args.torch_layouts or set(args.torch_layouts) - {"contiguous", "channels_last"}:
+        parser.error(f"--torch_layouts: {args.torch_layouts} (give contiguous and/or channels_last)")
+    if bad := [loop for loop in args.loops if loop not in ("jit", "pmap")]:
+        parser.error(f"--loops: unknown {bad} (jit, pmap)")
     precisions = [p.strip() for p in args.precision.split(",")]
     if bad := [p for p in precisions if p not in ("float32", "bfloat16")]:
         parser.error(f"--precision: unknown {bad}")

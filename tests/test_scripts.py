@@ -215,16 +215,18 @@ def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
             "--image_size", "32", "--warmup", "1", "--repeats", "1", "--steps", "1",
             # The peak matmul does ~0.2 TFLOP per timed call whatever its size; 1024 was the quickest.
             "--matmul_size", "1024", "--torch" if with_torch else "--no-torch", "--torch_compile", "aot_eager",
-            "--output", str(output)]
+            "--loops", "jit,pmap", "--output", str(output)]
     assert bench.main(argv) == 0
     text = output.read_text()
     assert text in capsys.readouterr().out
     assert text.startswith("# BN-Inception (Figure 5) training throughput, 32x32, batch 8")
     rows = json.loads((tmp_path / "bn_inception.json").read_text())["rows"]
     torch_rows = ["torch eager", "torch compiled"] if with_torch else []
-    assert [r["implementation"] for r in rows] == ["ours (JAX/XLA jit)", "ours, nn.Conv everywhere (before)",
-                                                   *torch_rows]  # on CPU: the formulation before, in the same run
-    assert rows[1]["first_loss"] == pytest.approx(rows[0]["first_loss"], rel=1e-5)  # the same function
+    assert [r["implementation"] for r in rows] == [
+        "ours (JAX/XLA jit)", "ours, jit loop, host-fed batch", "ours, pmap loop, host-fed batch",
+        "ours, nn.Conv everywhere (before)", *torch_rows]  # on CPU: the formulation before, in the same run
+    for r in rows[1:4]:  # the same function (bn_x30 has no dropout, so pmap's per-device masks do not matter)
+        assert r["first_loss"] == pytest.approx(rows[0]["first_loss"], rel=1e-5), r["implementation"]
     assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
     for r in rows:
         assert (r["precision"], r["batch_size"], r["image_size"]) == ("float32", 8, 32)
@@ -233,7 +235,7 @@ def test_bench_model_small_bn_inception(tmp_path, monkeypatch, capsys):
         assert r["achieved_gflops"] == pytest.approx(r["flops_per_step"] * r["steps_per_s"] / 1e9)
         assert r["ratio_ours"] == pytest.approx(rows[0]["steps_per_s"] / r["steps_per_s"])
     if with_torch:  # The same initial weights and batch: the same first loss.
-        eager, compiled = rows[2:]
+        eager, compiled = rows[4:]
         assert eager["first_loss"] == pytest.approx(rows[0]["first_loss"], abs=1e-3)
         assert compiled["first_loss"] == pytest.approx(eager["first_loss"], abs=1e-4)
         assert (eager["torch_compile"], eager["compile_s"]) == (None, None)
