@@ -259,7 +259,9 @@ def plot_lr_sweep(series: Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]
         ms = [m for m, _ in points]
         best = [[b for b in row["max_accuracy_each"] if b is not None] for _, row in points]
         mean = [statistics.fmean(b) if b else math.nan for b in best]
-        err = [[m - min(b) if b else 0 for m, b in zip(mean, best)], [max(b) - m if b else 0 for m, b in zip(mean, best)]]
+        # max(0, .): the mean of equal values can round above them.
+        err = [[max(0.0, m - min(b)) if b else 0 for m, b in zip(mean, best)],
+               [max(0.0, max(b) - m) if b else 0 for m, b in zip(mean, best)]]
         container = ax.errorbar(ms, mean, yerr=err, marker="o", capsize=3, label=name)
         color = container[0].get_color()
         for m, (_, row) in zip(ms, points):

@@ -221,3 +221,11 @@ def test_every_table_and_figure_of_the_sweep_from_finished_workdirs(tmp_path, mo
     _, rows = table((out / "figure3.md").read_text())
     assert [r[0] for r in rows] == ["inception", "bn_x5", "bn_x30"]
     assert os.path.getsize(out / "figure2.png")
+
+
+def test_lr_sweep_plot_with_equal_seeds_whose_mean_rounds_above_them(tmp_path):
+    """Three runs stuck at chance (0.1 each): fmean gives 0.1 + 1.4e-17, and the min-max bar must not go negative."""
+    row = {"max_accuracy_each": [0.1, 0.1, 0.1], "diverged": 0, "runs": 3}
+    path = tmp_path / "lr_sweep.png"
+    figure2.plot_lr_sweep({"no BN": [(10.0, row), (30.0, row)]}, 0.7675, str(path))
+    assert path.exists()
